@@ -1,0 +1,326 @@
+"""The ``approxctl`` command line: parse, call the library, print (SPEC section 1).
+
+Errors a user can cause (``ApproxError``, unreadable or unwritable files) print one line on
+stderr and exit with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from approxctl.errors import ApproxError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Convert, emulate bit-exactly and retrain CNNs for approximate hardware.",
+)
+out = Console()
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def user_errors(func: F) -> F:
+    """Turn the errors a user can cause into one line on stderr and exit status 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("debug"):
+            return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except ApproxError as exc:
+            _fail(str(exc))
+        except PermissionError as exc:
+            _fail(f"permission denied: {exc.filename or exc}; choose another --out")
+        except OSError as exc:
+            if exc.errno == 28:  # ENOSPC
+                _fail(f"no space left on the device writing {exc.filename or 'output'}")
+            raise
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+# ------------------------------------------------------------------ options
+# Command-line flags that set target options: flag -> (target, option name in the dataclass).
+TARGET_FLAGS: dict[str, tuple[str | None, str]] = {
+    "sc_length": ("sc", "length"),
+    "sc_gain": ("sc", "gain"),
+    "lut": ("approx-mult", "lut"),
+    "adc_bits": ("analog", "adc_bits"),
+    "array_size": ("analog", "array_size"),
+    "adc_calib": ("analog", "adc_calib"),
+    "proxy_clamp": ("analog", "proxy_clamp"),
+    "poly_degree": (None, "poly_degree"),
+    "poly_bins": (None, "poly_bins"),
+    "backend": (None, "backend"),
+}
+
+
+def parse_sc_phase(text: str) -> dict[str, tuple[int, int]]:
+    """``"1,0:3,1"`` -> phase_a (1,0), phase_b (3,1): (alpha, beta) of each stream's phase rule."""
+    try:
+        a, b = text.split(":")
+        rules = [tuple(int(v) for v in part.split(",")) for part in (a, b)]
+    except ValueError:
+        raise ApproxError(
+            f"--sc-phase must look like 'alpha,beta:alpha,beta' (activations:weights), got '{text}'"
+        ) from None
+    if any(len(r) != 2 for r in rules):
+        raise ApproxError(f"--sc-phase needs two integers per stream, got '{text}'")
+    return {"phase_a": rules[0], "phase_b": rules[1]}  # type: ignore[dict-item]
+
+
+def target_options(target: str, flags: dict[str, Any], sc_phase: str | None) -> dict[str, Any]:
+    from approxctl.targets import canonical_name
+
+    name = canonical_name(target)
+    options: dict[str, Any] = {}
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        owner, option = TARGET_FLAGS[flag]
+        if owner is not None and owner != name:
+            raise ApproxError(f"--{flag.replace('_', '-')} applies to target {owner}, not {name}")
+        options[option] = value
+    if sc_phase is not None:
+        if name != "sc":
+            raise ApproxError(f"--sc-phase applies to target sc, not {name}")
+        options.update(parse_sc_phase(sc_phase))
+    return options
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ApproxError(f"{flag} takes comma-separated numbers, got '{text}'") from None
+
+
+# ------------------------------------------------------------------ commands
+@app.command()
+@user_errors
+def targets(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """List the hardware targets with their options and defaults."""
+    from approxctl.targets import ALIASES, TARGETS
+
+    doc = []
+    for name, cls in TARGETS.items():
+        fields = dataclasses.fields(cls.config_cls)
+        doc.append(
+            {
+                "name": name,
+                "aliases": [a for a, t in ALIASES.items() if t == name],
+                "summary": cls.summary,
+                "error_injection": "type 1 (polynomial)"
+                if cls.error_kind == "poly"
+                else "type 2 (Gaussian)",
+                "options": {f.name: f.default for f in fields},
+                "flags": {
+                    "--" + flag.replace("_", "-"): option
+                    for flag, (owner, option) in TARGET_FLAGS.items()
+                    if owner in (None, name)
+                },
+            }
+        )
+    if json_out:
+        _print_json(doc)
+        return
+    for entry in doc:
+        table = Table(title=f"{entry['name']}  —  {entry['summary']}", title_justify="left")
+        table.add_column("option")
+        table.add_column("default")
+        table.add_column("flag")
+        flag_of = {option: flag for flag, option in entry["flags"].items()}
+        for option, default in entry["options"].items():
+            flag = flag_of.get(option, "--sc-phase" if option.startswith("phase_") else "")
+            table.add_row(option, repr(default), flag)
+        out.print(table)
+
+
+@app.command()
+@user_errors
+def luts(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """List the bundled EvoApprox multipliers with their published error and power figures."""
+    from approxctl.luts import DEFAULT_LUT, bundled_luts
+
+    infos = list(bundled_luts().values())
+    if json_out:
+        _print_json([dataclasses.asdict(i) | {"default": i.name == DEFAULT_LUT} for i in infos])
+        return
+    table = Table(title="EvoApproxLib multipliers (MIT, EHW@FIT Brno); figures from the library")
+    for col in ("name", "kind", "MAE %", "WCE %", "MRE %", "EP %", "power mW", "area um2"):
+        table.add_column(col, justify="left" if col in ("name", "kind") else "right", no_wrap=True)
+    for i in infos:
+        kind = f"{i.bits}{'s' if i.signed else 'u'}"
+        name = f"{i.name} (default)" if i.name == DEFAULT_LUT else i.name
+        table.add_row(name, kind, f"{i.mae_pct:g}", f"{i.wce_pct:g}", f"{i.mre_pct:g}",
+                      f"{i.ep_pct:g}", f"{i.power_mw:g}", f"{i.area_um2:g}")  # fmt: skip
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def convert(
+    source: Annotated[
+        str,
+        typer.Argument(help="Built-in or torchvision model name, pkg.mod:Class, or .onnx file."),
+    ],
+    target: Annotated[str, typer.Option("--target", "-t", help="sc, approx-mult (am) or analog.")],
+    weights: Annotated[
+        str | None, typer.Option(help=".pt/.pth state dict or .safetensors.")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Glob on layer names to keep in float; repeatable.")
+    ] = None,
+    data: Annotated[
+        str,
+        typer.Option(
+            help="fashion-mnist[:PATH], mnist:PATH, cifar10:PATH, imagefolder:PATH, digits."
+        ),
+    ] = "fashion-mnist",
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Output directory [default: runs/SOURCE-TARGET].")
+    ] = None,
+    calib_batches: Annotated[int, typer.Option(help="Batches for activation/ADC calibration.")] = 8,
+    error_batches: Annotated[int, typer.Option(help="Batches for the error models.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
+    image_size: Annotated[int | None, typer.Option(help="Resize/pad images to this size.")] = None,
+    mean: Annotated[
+        str | None, typer.Option(help="Normalization mean, one value or one per channel.")
+    ] = None,
+    std: Annotated[
+        str | None, typer.Option(help="Normalization std, one value or one per channel.")
+    ] = None,
+    limit_train: Annotated[
+        int | None, typer.Option(help="Use the first N training samples.")
+    ] = None,
+    limit_val: Annotated[
+        int | None, typer.Option(help="Use the first N validation samples.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    trust_pickle: Annotated[
+        bool, typer.Option(help="Allow pickled full modules (runs code from the file).")
+    ] = False,
+    sc_length: Annotated[int | None, typer.Option(help="[sc] stream length L (16..256).")] = None,
+    sc_phase: Annotated[
+        str | None, typer.Option(help="[sc] phase rules 'a,b:a,b' (activations:weights).")
+    ] = None,
+    sc_gain: Annotated[float | None, typer.Option(help="[sc] weight gain g.")] = None,
+    lut: Annotated[
+        str | None, typer.Option(help="[approx-mult] bundled multiplier name or .npy table.")
+    ] = None,
+    adc_bits: Annotated[int | None, typer.Option(help="[analog] ADC resolution.")] = None,
+    array_size: Annotated[int | None, typer.Option(help="[analog] inputs per array.")] = None,
+    adc_calib: Annotated[
+        str | None, typer.Option(help="[analog] mse, max or percentile:P.")
+    ] = None,
+    proxy_clamp: Annotated[
+        float | None, typer.Option(help="[analog] T of the proxy clamp.")
+    ] = None,
+    poly_degree: Annotated[int | None, typer.Option(help="Type-1 error polynomial degree.")] = None,
+    poly_bins: Annotated[int | None, typer.Option(help="Type-1 error bins.")] = None,
+    backend: Annotated[str | None, typer.Option(help="Emulation backend: auto, torch, ...")] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Convert a model's conv/linear layers for a hardware target, calibrate and save it."""
+    from approxctl.pipeline import DataOptions, convert_source
+    from approxctl.targets import canonical_name
+
+    flags = {k: v for k, v in locals().items() if k in TARGET_FLAGS}
+    options = target_options(target, flags, sc_phase)
+    target = canonical_name(target)
+    if out_dir is None:
+        out_dir = Path("runs") / f"{Path(source).stem.replace(':', '.')}-{target}"
+    data_options = DataOptions(
+        spec=data, batch_size=batch_size, image_size=image_size,
+        mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+        limit_train=limit_train, limit_val=limit_val,
+    )  # fmt: skip
+    with err.status("converting…", spinner="dots") if not (quiet or json_out) else _nullcontext():
+        result = convert_source(
+            source, target, weights=weights, exclude=exclude or (), data=data_options,
+            out=out_dir, options=options, calib_batches=calib_batches,
+            error_batches=error_batches, device=device, trust_pickle=trust_pickle,
+        )  # fmt: skip
+    if json_out:
+        _print_json(result.to_json())
+        return
+    _print_layers(result.layers, target)
+    for name, reason in result.unsupported.items():
+        err.print(f"[yellow]not converted:[/] {name}: {reason}")
+    if result.excluded:
+        out.print(f"kept in float (--exclude): {', '.join(result.excluded)}")
+    out.print(f"wrote {result.out}/model.safetensors and approx.json in {result.seconds:.1f} s")
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _print_layers(rows: list[dict[str, Any]], target: str) -> None:
+    table = Table(
+        title=f"{target}: per-layer settings and emulation error (exact - proxy, relative to the "
+        "output's std, on the calibration data)",
+        title_justify="left",
+    )
+    for col in ("layer", "kind", "weight", "input", "settings", "err mean", "err std"):
+        table.add_column(col, justify="right" if col.startswith("err") else "left")
+    skip = {"name", "kind", "target", "shape", "act_absmax", "input_signed", "rel_err_mean",
+            "rel_err_std"}  # fmt: skip
+    for row in rows:
+        settings = ", ".join(f"{k}={v}" for k, v in row.items() if k not in skip)
+        table.add_row(
+            row["name"],
+            row["kind"].removeprefix("Approx"),
+            "x".join(map(str, row["shape"])),
+            f"{'±' if row['input_signed'] else '+'}{row['act_absmax']:.3g}",
+            settings,
+            f"{row.get('rel_err_mean', float('nan')):+.3f}",
+            f"{row.get('rel_err_std', float('nan')):.3f}",
+        )
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

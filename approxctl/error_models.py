@@ -1,0 +1,236 @@
+"""Error models for ``inject`` mode (SPEC section 4, paper section 3.2).
+
+Both live in the target's accumulator domain (before the per-channel output scale), so one model
+serves every output channel of a layer.
+
+* Type 1, ``PolynomialErrorModel`` (sc, approx-mult): the error ``exact - proxy`` is binned by the
+  proxy output v; per-bin mean and standard deviation are fitted by polynomials mu(v), sigma(v);
+  the forward adds ``mu(v) + sigma(v) * eps``.
+* Type 2, ``GaussianErrorModel`` (analog): one mean and one standard deviation of ``exact - proxy``
+  over the whole layer output; the forward adds ``N(mean, std^2)``.
+
+Models are ``nn.Module`` s whose state is buffers, so they travel with ``state_dict``, safetensors
+files and checkpoints.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from approxctl.errors import ApproxError
+
+# Samples kept per layer and per batch when recording type-1 statistics.
+SAMPLES_PER_BATCH = 1 << 16
+
+
+class ErrorModel(nn.Module):
+    """Common interface: record (proxy value, error) pairs, fit, then sample injected errors.
+
+    Besides the model itself, fitting stores ``summary`` = (error mean, error std, output std)
+    over everything recorded, in the accumulator domain: the layer's emulation error relative to
+    its signal, for reports.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("fitted", torch.tensor(False))
+        self.register_buffer("summary", torch.zeros(3, dtype=torch.float64))
+        self._moments = [0.0] * 5  # count, sum err, sum err^2, sum v, sum v^2
+
+    def reset_recording(self) -> None:
+        self._moments = [0.0] * 5
+        self._reset()
+
+    def record(self, v: torch.Tensor, err: torch.Tensor) -> None:
+        e = err.detach().to(torch.float64)
+        w = v.detach().to(torch.float64)
+        for i, value in enumerate((e.numel(), e.sum(), (e * e).sum(), w.sum(), (w * w).sum())):
+            self._moments[i] += float(value)
+        self._record(v, err)
+
+    def fit_recorded(self) -> None:
+        count, se, se2, sv, sv2 = self._moments
+        if count == 0:
+            raise ApproxError(
+                "no error samples were recorded; give fit_error_model at least one batch"
+            )
+        err_mean, v_mean = se / count, sv / count
+        self.summary.copy_(
+            torch.tensor(
+                [
+                    err_mean,
+                    max(se2 / count - err_mean**2, 0.0) ** 0.5,
+                    max(sv2 / count - v_mean**2, 0.0) ** 0.5,
+                ],
+                dtype=torch.float64,
+            )
+        )
+        self._fit()
+        self.fitted.fill_(True)
+        self.reset_recording()
+
+    def relative_error(self) -> dict[str, float]:
+        """Error mean and std over the output's std (0 when the output is constant)."""
+        err_mean, err_std, out_std = self.summary.tolist()
+        scale = out_std if out_std > 0 else float("inf")
+        return {"rel_err_mean": err_mean / scale, "rel_err_std": err_std / scale}
+
+    def _reset(self) -> None:
+        raise NotImplementedError
+
+    def _record(self, v: torch.Tensor, err: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _fit(self) -> None:
+        raise NotImplementedError
+
+    def sample(self, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, object]:
+        raise NotImplementedError
+
+
+class GaussianErrorModel(ErrorModel):
+    """Type 2: one mean and standard deviation of the error over a layer's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("std", torch.tensor(0.0, dtype=torch.float64))
+
+    def _reset(self) -> None:
+        pass  # the base class's running moments are all this model needs
+
+    def _record(self, v: torch.Tensor, err: torch.Tensor) -> None:
+        pass
+
+    def _fit(self) -> None:
+        self.mean.fill_(float(self.summary[0]))
+        self.std.fill_(float(self.summary[1]))
+
+    def sample(self, v: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn_like(v)
+        return noise.mul_(self.std.to(v.dtype)).add_(self.mean.to(v.dtype))
+
+    def stats(self) -> dict[str, object]:
+        return {"kind": "gaussian", "mean": float(self.mean), "std": float(self.std)}
+
+
+def fit_binned_polynomials(
+    v: np.ndarray, err: np.ndarray, degree: int, bins: int
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float], dict[str, np.ndarray]]:
+    """Fit mu(v), sigma(v) to per-bin error statistics (paper Fig. 2).
+
+    Returns coefficients (lowest order first) in the window [-1, 1] mapped from the domain
+    ``(lo, hi)`` of v, the domain, and the binned statistics used for the fit (for plots).
+    Bins with fewer than two samples are ignored; the degree drops to what the bins support.
+    """
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        hi = lo + 1.0
+    edges = np.linspace(lo, hi, bins + 1)
+    index = np.clip(np.searchsorted(edges, v, side="right") - 1, 0, bins - 1)
+    count = np.bincount(index, minlength=bins).astype(np.float64)
+    sum_v = np.bincount(index, weights=v, minlength=bins)
+    sum_e = np.bincount(index, weights=err, minlength=bins)
+    sum_e2 = np.bincount(index, weights=err * err, minlength=bins)
+    keep = count >= 2
+    centers = sum_v[keep] / count[keep]
+    mu = sum_e[keep] / count[keep]
+    sigma = np.sqrt(np.maximum(sum_e2[keep] / count[keep] - mu * mu, 0.0))
+    weights = np.sqrt(count[keep])
+    deg = max(0, min(degree, int(keep.sum()) - 1))
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+    t = (centers - mid) / half
+    if keep.sum() == 0:
+        mu_coef = np.array([float(err.mean())])
+        sigma_coef = np.array([float(err.std())])
+    else:
+        mu_coef = np.polynomial.polynomial.polyfit(t, mu, deg, w=weights)
+        sigma_coef = np.polynomial.polynomial.polyfit(t, sigma, deg, w=weights)
+    binned = {"v": centers, "mean": mu, "std": sigma, "count": count[keep]}
+    return mu_coef, sigma_coef, (lo, hi), binned
+
+
+def _horner(coef: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    out = torch.full_like(t, float(coef[-1]))
+    for c in coef.flip(0)[1:].tolist():
+        out.mul_(t).add_(c)
+    return out
+
+
+class PolynomialErrorModel(ErrorModel):
+    """Type 1: error mean and std as polynomials of the proxy output v."""
+
+    def __init__(self, degree: int = 10, bins: int = 30) -> None:
+        super().__init__()
+        self.degree = degree
+        self.bins = bins
+        self.register_buffer("mu_coef", torch.zeros(degree + 1, dtype=torch.float64))
+        self.register_buffer("sigma_coef", torch.zeros(degree + 1, dtype=torch.float64))
+        self.register_buffer("domain", torch.tensor([-1.0, 1.0], dtype=torch.float64))
+        self._samples: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.binned: dict[str, np.ndarray] | None = None
+
+    def _reset(self) -> None:
+        self._samples = []
+
+    def _record(self, v: torch.Tensor, err: torch.Tensor) -> None:
+        v = v.detach().reshape(-1)
+        err = err.detach().reshape(-1)
+        if v.numel() > SAMPLES_PER_BATCH:
+            # A fixed stride keeps the choice deterministic and spread over the whole output.
+            step = v.numel() // SAMPLES_PER_BATCH
+            v, err = v[::step], err[::step]
+        self._samples.append((v.to("cpu", torch.float64), err.to("cpu", torch.float64)))
+
+    def _fit(self) -> None:
+        v = torch.cat([s[0] for s in self._samples]).numpy()
+        err = torch.cat([s[1] for s in self._samples]).numpy()
+        mu, sigma, (lo, hi), binned = fit_binned_polynomials(v, err, self.degree, self.bins)
+        self.mu_coef.zero_()
+        self.sigma_coef.zero_()
+        self.mu_coef[: len(mu)] = torch.from_numpy(mu)
+        self.sigma_coef[: len(sigma)] = torch.from_numpy(sigma)
+        self.domain.copy_(torch.tensor([lo, hi], dtype=torch.float64))
+        self.binned = binned
+
+    def _window(self, v: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.domain.tolist()
+        mid, half = (lo + hi) / 2, (hi - lo) / 2
+        # Outside the fitted range a degree-10 polynomial explodes; hold the edge values instead.
+        return (v.clamp(lo, hi) - mid) / half
+
+    def mean_at(self, v: torch.Tensor) -> torch.Tensor:
+        return _horner(self.mu_coef, self._window(v))
+
+    def std_at(self, v: torch.Tensor) -> torch.Tensor:
+        return _horner(self.sigma_coef, self._window(v)).clamp_(min=0)
+
+    def sample(self, v: torch.Tensor) -> torch.Tensor:
+        t = self._window(v)
+        return (
+            _horner(self.sigma_coef, t)
+            .clamp_(min=0)
+            .mul_(torch.randn_like(v))
+            .add_(_horner(self.mu_coef, t))
+        )
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "kind": "polynomial",
+            "domain": self.domain.tolist(),
+            "mu_coef": self.mu_coef.tolist(),
+            "sigma_coef": self.sigma_coef.tolist(),
+        }
+
+
+def make_error_model(kind: str, degree: int, bins: int) -> ErrorModel:
+    if kind == "poly":
+        return PolynomialErrorModel(degree, bins)
+    if kind == "gaussian":
+        return GaussianErrorModel()
+    raise ValueError(f"unknown error model kind {kind!r}")

@@ -1,0 +1,191 @@
+"""The command-line jobs as Python functions: SOURCE + data -> converted, calibrated model.
+
+Each function takes plain values, returns a result object and prints nothing, so the CLI stays a
+thin layer of parsing and printing, and notebooks can run the same jobs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from approxctl import io
+from approxctl.convert import calibrate, convert, fit_error_model
+from approxctl.data import DataBundle, load_data
+from approxctl.errors import ApproxError
+from approxctl.layers import approx_layers
+from approxctl.sources import build_model, classify
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ApproxError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ApproxError("--device cuda was asked for, but no CUDA device is available")
+    return device
+
+
+@dataclass
+class DataOptions:
+    """The ``--data`` family of options (SPEC section 1)."""
+
+    spec: str = "fashion-mnist"
+    batch_size: int = 128
+    image_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    limit_train: int | None = None
+    limit_val: int | None = None
+    workers: int = 0
+    seed: int = 0
+
+    def load(self) -> DataBundle:
+        return load_data(
+            self.spec,
+            batch_size=self.batch_size,
+            image_size=self.image_size,
+            mean=self.mean,
+            std=self.std,
+            limit_train=self.limit_train,
+            limit_val=self.limit_val,
+            workers=self.workers,
+            seed=self.seed,
+        )
+
+
+@dataclass
+class ConvertResult:
+    model: nn.Module
+    out: Path | None
+    layers: list[dict[str, Any]]
+    data: dict[str, Any]
+    seconds: float
+    unsupported: dict[str, str] = field(default_factory=dict)
+    excluded: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        plan = self.model.approx_plan  # type: ignore[union-attr]
+        return {
+            "target": plan.target,
+            "options": plan.config.to_dict(),
+            "out": str(self.out) if self.out else None,
+            "data": self.data,
+            "seconds": self.seconds,
+            "layers": self.layers,
+            "excluded": self.excluded,
+            "unsupported": self.unsupported,
+        }
+
+
+def _batches(loader: Iterable[Any], count: int, device: torch.device) -> Iterator[torch.Tensor]:
+    for x, _ in islice(loader, count):
+        yield x.to(device)
+
+
+def check_input_fits(model: nn.Module, bundle: DataBundle, device: torch.device) -> None:
+    """One clear line when the data's images do not fit the model (channels, size)."""
+    x = torch.zeros(2, bundle.in_channels, bundle.image_size, bundle.image_size, device=device)
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except RuntimeError as exc:
+        raise ApproxError(
+            f"the model does not accept {bundle.in_channels}x{bundle.image_size}x"
+            f"{bundle.image_size} images from {bundle.name} ({str(exc).splitlines()[0]}); use "
+            "--image-size or a model built for this input"
+        ) from None
+    if out.dim() != 2 or out.shape[1] != bundle.num_classes:
+        raise ApproxError(
+            f"the model outputs shape {tuple(out.shape[1:])} but {bundle.name} has "
+            f"{bundle.num_classes} classes"
+        )
+
+
+def layer_rows(model: nn.Module) -> list[dict[str, Any]]:
+    """Per-layer settings and measured emulation error, for tables and approx.json."""
+    rows = []
+    for name, layer in approx_layers(model):
+        row = layer.describe()
+        row["shape"] = list(layer.weight.shape)
+        if bool(layer.error_model.fitted):
+            row.update(layer.error_model.relative_error())
+        rows.append(row | {"name": name})
+    return rows
+
+
+def convert_source(
+    source: str,
+    target: str,
+    *,
+    weights: str | None = None,
+    exclude: Iterable[str] = (),
+    data: DataOptions | None = None,
+    out: str | Path | None = None,
+    options: dict[str, Any] | None = None,
+    calib_batches: int = 8,
+    error_batches: int = 2,
+    device: str = "auto",
+    trust_pickle: bool = False,
+    progress: Progress | None = None,
+) -> ConvertResult:
+    """``approxctl convert``: build SOURCE, convert for ``target``, calibrate, fit, save.
+
+    Calibration runs on ``calib_batches`` training batches; the error models (and the per-layer
+    emulation error reported) on ``error_batches`` more, in exact mode.
+    """
+    started = time.perf_counter()
+    data = data or DataOptions()
+    if calib_batches < 1 or error_batches < 1:
+        raise ApproxError("--calib-batches and --error-batches must be at least 1")
+    if classify(source) == "dir":
+        raise ApproxError(
+            f"'{source}' is already converted; evaluate it with `approxctl eval {source}`"
+        )
+    dev = resolve_device(device)
+    bundle = data.load()
+    model, info = build_model(
+        source,
+        weights=weights,
+        num_classes=None if weights else bundle.num_classes,
+        in_channels=bundle.in_channels,
+        image_size=bundle.image_size,
+        trust_pickle=trust_pickle,
+    )
+    model = model.to(dev)
+    check_input_fits(model, bundle, dev)
+    converted = convert(model, target, exclude=exclude, **(options or {}))
+    converted.approx_source = info  # type: ignore[assignment]
+    if info.kind == "onnx":
+        converted.approx_onnx_path = source  # type: ignore[assignment]
+    if progress:
+        progress("calibrate", 0, calib_batches)
+    calibrate(converted, list(_batches(bundle.train, calib_batches, dev)))
+    if progress:
+        progress("fit error model", 0, error_batches)
+    fit_error_model(converted, list(_batches(bundle.train, error_batches, dev)))
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        io.save(converted, out_dir)
+    plan = converted.approx_plan  # type: ignore[union-attr]
+    return ConvertResult(
+        model=converted,
+        out=out_dir,
+        layers=layer_rows(converted),
+        data=bundle.describe(),
+        seconds=time.perf_counter() - started,
+        unsupported=dict(plan.unsupported),
+        excluded=list(plan.excluded),
+    )

@@ -1,0 +1,201 @@
+"""Analog compute-in-memory with ADC-quantized partial sums (SPEC 3.3).
+
+Accumulator domain: products ``a_q * w_q`` (8-bit unsigned inputs, 8-bit signed weights with one
+scale per output channel). K is cut into arrays of ``array_size``; each array's positive- and
+negative-weight partial sums go through an ``adc_bits`` ADC of full scale ``adc_max`` (products),
+calibrated per layer. The proxy is the paper's HardTanh pair ``clamp(z+, 0, T) - clamp(z-, 0, T)``
+with T = adc_max x number of arrays unless set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from approxctl.backends import registry, torch_ref
+from approxctl.errors import ApproxError
+from approxctl.functional import validate_analog_params
+from approxctl.targets.base import Target, TargetConfig, ste_round
+
+if TYPE_CHECKING:
+    from approxctl.layers import ApproxLayer
+
+LINEAR_ARRAY_SIZE = 64
+# Partial-sum samples kept per layer and batch for choosing adc_max.
+ADC_SAMPLE_ROWS = 2048
+MSE_CANDIDATES = 256
+
+
+@dataclass(frozen=True)
+class AnalogConfig(TargetConfig):
+    target: ClassVar[str] = "analog"
+
+    adc_bits: int = 4
+    # Inputs per array; None: kh*kw for a conv (one input channel's window), 64 for linear.
+    array_size: int | None = None
+    # How adc_max is calibrated: "mse" (min. quantization error), "max", or "percentile:P".
+    adc_calib: str = "mse"
+    # T of the proxy clamp in products; None: adc_max x number of arrays.
+    proxy_clamp: float | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        validate_analog_params(self.array_size or 1, self.adc_bits, 1)
+        parse_adc_calib(self.adc_calib)
+        if self.proxy_clamp is not None and not self.proxy_clamp > 0:
+            raise ApproxError(f"proxy_clamp must be positive, got {self.proxy_clamp}")
+
+
+def parse_adc_calib(text: str) -> tuple[str, float]:
+    if text in ("mse", "max"):
+        return text, 0.0
+    if text.startswith("percentile:"):
+        try:
+            p = float(text.split(":", 1)[1])
+        except ValueError:
+            p = -1.0
+        if 0 < p <= 100:
+            return "percentile", p
+    raise ApproxError(
+        f"adc_calib must be 'mse', 'max' or 'percentile:P' with 0 < P <= 100, got '{text}'"
+    )
+
+
+def choose_adc_max(partial_sums: torch.Tensor, adc_bits: int, method: str) -> int:
+    """adc_max (products, >= 1) for the observed non-negative partial sums."""
+    p = partial_sums.to(torch.int64).reshape(-1)
+    if p.numel() == 0 or int(p.max()) <= 0:
+        return 1
+    kind, pct = parse_adc_calib(method)
+    top = int(p.max())
+    if kind == "max":
+        return top
+    if kind == "percentile":
+        return max(1, math.ceil(float(torch.quantile(p.double(), pct / 100))))
+    levels = (1 << adc_bits) - 1
+    candidates = torch.unique(torch.linspace(1, top, MSE_CANDIDATES).round().to(torch.int64))
+    best, best_err = top, float("inf")
+    pf = p.double()
+    for c in candidates.tolist():
+        deq = torch_ref.adc_code(p, adc_bits, c).double() * (c / levels)
+        err = float(((pf - deq) ** 2).mean())
+        if err < best_err:
+            best, best_err = c, err
+    return best
+
+
+class AnalogTarget(Target):
+    name = "analog"
+    config_cls = AnalogConfig
+    error_kind = "gaussian"
+    has_adc = True
+    summary = "analog compute-in-memory: partial sums quantized by low-bit ADCs"
+
+    def __init__(self, config: AnalogConfig) -> None:
+        self.config = config
+        self.levels = (1 << config.adc_bits) - 1
+
+    def init_layer(self, layer: ApproxLayer) -> None:
+        default = (
+            LINEAR_ARRAY_SIZE
+            if layer.channel_dim == -1
+            else layer.kernel_size[0] * layer.kernel_size[1]  # type: ignore[attr-defined]
+        )
+        layer.array_size = self.config.array_size or default
+        layer.register_buffer(
+            "adc_max", torch.tensor(0, dtype=torch.int64, device=layer.weight.device)
+        )
+        layer._adc_samples = []
+
+    def arrays(self, layer: ApproxLayer) -> int:
+        return -(-layer.reduction_size // layer.array_size)
+
+    def quantize(self, layer: ApproxLayer, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        w = layer.weight
+        w_scale = w.detach().abs().flatten(1).amax(dim=1).clamp(min=1e-12) / 127
+        xn = x / layer.act_scale()
+        q = {
+            "a": ste_round(xn.clamp(0, 1) * 255),
+            "w": ste_round(
+                w / w_scale.view(-1, *([1] * (w.dim() - 1)))
+            ),  # in range, see approx_mult
+            "w_scale": w_scale,
+        }
+        if bool(layer.input_signed):
+            q["a_neg"] = ste_round((-xn).clamp(0, 1) * 255)
+        return q
+
+    def _clamp_t(self, layer: ApproxLayer) -> float:
+        if self.config.proxy_clamp is not None:
+            return float(self.config.proxy_clamp)
+        return float(layer.adc_max) * self.arrays(layer)
+
+    def proxy(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Analog_act = HardTanh pair on the positive- and negative-weight accumulations."""
+        t = self._clamp_t(layer)
+        w_pos, w_neg = q["w"].clamp(min=0), (-q["w"]).clamp(min=0)
+
+        def act(a: torch.Tensor) -> torch.Tensor:
+            z_pos, z_neg = layer.accumulate_pair(a, w_pos, w_neg)
+            return z_pos.clamp(0, t) - z_neg.clamp(0, t)
+
+        out = act(q["a"])
+        if "a_neg" in q:
+            out = out - act(q["a_neg"])
+        return out
+
+    def exact(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
+        adc_max = int(layer.adc_max)
+        b = layer.weight_matrix(q["w"].detach()).to(torch.int64)
+        backend = registry.get(self.config.backend, b.device)
+        bits, size = self.config.adc_bits, layer.array_size
+
+        def op(a_g: torch.Tensor, b_g: torch.Tensor) -> torch.Tensor:
+            return backend.analog_matmul(a_g, b_g, size, bits, adc_max).to(torch.float32)
+
+        codes = layer.integer_gemm(op, layer.patches(q["a"].detach()).to(torch.int64), b)
+        if "a_neg" in q:  # negative inputs run as a second pass and are subtracted (SPEC 3.3)
+            neg = layer.patches(q["a_neg"].detach()).to(torch.int64)
+            codes = codes - layer.integer_gemm(op, neg, b)
+        return layer.fold(codes, q["a"]) * (adc_max / self.levels)
+
+    def output_scale(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
+        return q["w_scale"] * (layer.act_scale() / 255)
+
+    # ------------------------------------------------------- ADC calibration
+    @torch.no_grad()
+    def observe_adc(self, layer: ApproxLayer, x: torch.Tensor) -> None:
+        """Record a sample of the layer's array partial sums (both weight signs)."""
+        q = self.quantize(layer, x)
+        b = layer.weight_matrix(q["w"]).to(torch.float64)
+        size = layer.array_size
+        arrays = self.arrays(layer)
+        pad = arrays * size - b.shape[-1]
+        b = torch.nn.functional.pad(b, (0, pad)).view(*b.shape[:2], arrays, size)
+        for key in ("a", "a_neg"):
+            if key not in q:
+                continue
+            rows = layer.patches(q[key]).to(torch.float64)
+            if rows.shape[1] > ADC_SAMPLE_ROWS:  # an even spread of rows keeps this cheap
+                rows = rows[:, :: rows.shape[1] // ADC_SAMPLE_ROWS]
+            rows = torch.nn.functional.pad(rows, (0, pad)).view(*rows.shape[:2], arrays, size)
+            for w in (b.clamp(min=0), (-b).clamp(min=0)):
+                p = torch.einsum("grcs,gocs->groc", rows, w).round().to(torch.int64)
+                layer._adc_samples.append(p.reshape(-1).cpu())
+
+    def finish_adc_calibration(self, layer: ApproxLayer) -> None:
+        samples = torch.cat(layer._adc_samples) if layer._adc_samples else torch.zeros(0)
+        layer.adc_max.fill_(choose_adc_max(samples, self.config.adc_bits, self.config.adc_calib))
+        layer._adc_samples = []
+
+    def describe(self, layer: ApproxLayer) -> dict[str, Any]:
+        return {
+            "adc_bits": self.config.adc_bits,
+            "array_size": layer.array_size,
+            "arrays": self.arrays(layer),
+            "adc_max": int(layer.adc_max),
+            "adc_calib": self.config.adc_calib,
+        }

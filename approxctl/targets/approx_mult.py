@@ -1,0 +1,92 @@
+"""EvoApprox approximate multipliers as lookup tables (SPEC 3.1).
+
+Accumulator domain: integer products ``sum_k a_q w_q``. Activations are quantized symmetrically
+with one calibrated scale per tensor, weights with one scale per output channel, both to
+[-(M-1), M-1] for an unsigned (sign-magnitude) table of size M, or [-127, 127] for a signed table.
+The approximate multiplier has no accumulation non-linearity, so the proxy is the plain
+accumulation of the quantized operands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from approxctl import luts
+from approxctl.backends import registry
+from approxctl.targets.base import Target, TargetConfig, ste_round
+
+if TYPE_CHECKING:
+    from approxctl.layers import ApproxLayer
+
+
+@dataclass(frozen=True)
+class ApproxMultConfig(TargetConfig):
+    target: ClassVar[str] = "approx-mult"
+
+    # A bundled EvoApprox name (see `approxctl luts`) or a path to a user's .npy table.
+    lut: str = luts.DEFAULT_LUT
+    # Signed table indexed [a+128, b+128]? None: from the name (EvoApprox mul8s_* are signed).
+    signed: bool | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        luts.load_lut(self.lut, signed=self.is_signed)
+
+    @property
+    def is_signed(self) -> bool:
+        return luts.is_signed_lut_name(self.lut) if self.signed is None else bool(self.signed)
+
+
+class ApproxMultTarget(Target):
+    name = "approx-mult"
+    config_cls = ApproxMultConfig
+    error_kind = "poly"
+    summary = "EvoApprox approximate multipliers (lookup tables), exact accumulation"
+
+    def __init__(self, config: ApproxMultConfig) -> None:
+        self.config = config
+        self.signed = config.is_signed
+        self.table = luts.load_lut(config.lut, signed=self.signed)
+        size = self.table.shape[0]
+        self.qmax = 127 if self.signed else size - 1
+        self._tables: dict[torch.device, torch.Tensor] = {}
+
+    def table_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._tables:
+            self._tables[device] = self.table.to(device)
+        return self._tables[device]
+
+    def quantize(self, layer: ApproxLayer, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        qmax = self.qmax
+        w = layer.weight
+        w_scale = w.detach().abs().flatten(1).amax(dim=1).clamp(min=1e-12) / qmax
+        return {
+            "a": ste_round((x * (qmax / layer.act_scale())).clamp(-qmax, qmax)),
+            # No clamp: |w| / w_scale <= qmax by construction, and a clamp would block the
+            # gradient of each channel's largest weight (float rounding can land just above qmax).
+            "w": ste_round(w / w_scale.view(-1, *([1] * (w.dim() - 1)))),
+            "w_scale": w_scale,
+        }
+
+    def proxy(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
+        return layer.accumulate(q["a"], q["w"])
+
+    def exact(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
+        a = layer.patches(q["a"].detach()).to(torch.int64)
+        b = layer.weight_matrix(q["w"].detach()).to(torch.int64)
+        backend = registry.get(self.config.backend, a.device)
+        table = self.table_on(a.device)
+
+        def op(a_g: torch.Tensor, b_g: torch.Tensor) -> torch.Tensor:
+            return backend.lut_matmul(a_g, b_g, table, self.signed).to(torch.float32)
+
+        return layer.fold(layer.integer_gemm(op, a, b), q["a"])
+
+    def output_scale(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
+        return q["w_scale"] * (layer.act_scale() / self.qmax)
+
+    def describe(self, layer: ApproxLayer) -> dict[str, Any]:
+        return {"lut": self.config.lut, "signed_table": self.signed, "qmax": self.qmax}

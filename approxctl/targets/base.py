@@ -1,0 +1,143 @@
+"""What every hardware target provides, and the registry that names them.
+
+A target is a frozen config dataclass (what approx.json stores and recipes/CLI flags fill in) plus
+a ``Target`` object that knows the hardware's arithmetic for one layer:
+
+* ``quantize``: float input and weight -> the integer operands the hardware sees, and the same
+  values as differentiable floats (straight-through rounding) for the proxy;
+* ``proxy``: the paper's activation proxy (section 3.1) in the target's accumulator domain;
+* ``exact``: the bit-exact functional op (SPEC section 3) in the same domain, without gradient;
+* ``output_scale``: the per-output-channel factor from the accumulator domain to float.
+
+The approximate layer (``approxctl.layers``) wires these into the three modes. Adding a target
+is adding one module here and one line in ``targets/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from approxctl.errors import ApproxError
+
+if TYPE_CHECKING:
+    from approxctl.layers import ApproxLayer
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """Base of the per-target option dataclasses; serialisable with a type tag and a version."""
+
+    target: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+
+    # Error-model options shared by all targets (SPEC section 4).
+    poly_degree: int = 10
+    poly_bins: int = 30
+    # "auto" picks the fastest backend for the tensors' device; see approxctl.backends.
+    backend: str = "auto"
+
+    def validate(self) -> None:
+        if not 0 <= self.poly_degree <= 20:
+            raise ApproxError(f"poly_degree must be in [0, 20], got {self.poly_degree}")
+        if self.poly_bins < 2:
+            raise ApproxError(f"poly_bins must be at least 2, got {self.poly_bins}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"target": self.target, "version": self.version}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TargetConfig:
+        data = dict(data)
+        tag = data.pop("target", cls.target)
+        version = data.pop("version", cls.version)
+        if tag != cls.target:
+            raise ApproxError(f"options are for target '{tag}', not '{cls.target}'")
+        if not isinstance(version, int) or version > cls.version:
+            raise ApproxError(
+                f"target options have format version {version}, newer than this approxctl "
+                f"understands ({cls.version}); upgrade approxctl"
+            )
+        return cls.with_options(**data)
+
+    @classmethod
+    def with_options(cls, base: TargetConfig | None = None, **options: Any) -> TargetConfig:
+        """A validated config from ``base`` (or the defaults) with ``options`` replaced."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ApproxError(
+                f"unknown option(s) {', '.join(unknown)} for target '{cls.target}'; "
+                f"valid options: {', '.join(known)}"
+            )
+        values = dataclasses.asdict(base) if base is not None else {}
+        for name, value in options.items():
+            default = known[name].default
+            if isinstance(default, tuple) and isinstance(value, list):
+                value = tuple(value)
+            values[name] = value
+        config = cls(**values)
+        config.validate()
+        return config
+
+
+class Target(ABC):
+    """The arithmetic of one kind of approximate hardware, for one layer at a time."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[TargetConfig]]
+    # "poly": type-1 injection (error binned by proxy output, polynomial mean/std);
+    # "gaussian": type-2 injection (one mean/std per layer). SPEC section 4.
+    error_kind: ClassVar[str]
+    summary: ClassVar[str]
+    # Targets with ADCs get a second calibration pass (observe_adc / finish_adc_calibration).
+    has_adc: ClassVar[bool] = False
+
+    def __init__(self, config: TargetConfig) -> None:
+        self.config = config
+
+    def init_layer(self, layer: ApproxLayer) -> None:  # noqa: B027 - optional hook
+        """Register target-specific buffers and resolve per-layer defaults."""
+
+    @abstractmethod
+    def quantize(self, layer: ApproxLayer, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Integer operands (int64) and their straight-through float twins, by name."""
+
+    @abstractmethod
+    def proxy(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The differentiable proxy of the layer's accumulation (accumulator domain)."""
+
+    @abstractmethod
+    def exact(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The bit-exact hardware result in the accumulator domain (float tensor, no grad)."""
+
+    @abstractmethod
+    def output_scale(self, layer: ApproxLayer) -> torch.Tensor:
+        """Factor (scalar or per output channel) from the accumulator domain to float outputs."""
+
+    def observe_adc(self, layer: ApproxLayer, x: torch.Tensor) -> None:  # noqa: B027
+        """Second calibration pass (only targets with ADCs need it)."""
+
+    def finish_adc_calibration(self, layer: ApproxLayer) -> None:  # noqa: B027
+        """Turn what ``observe_adc`` saw into the layer's ADC settings."""
+
+    def describe(self, layer: ApproxLayer) -> dict[str, Any]:
+        """Resolved per-layer settings for reports and approx.json."""
+        return {}
+
+
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest (ties to even, like torch.round) with a straight-through gradient."""
+    return x + (torch.round(x) - x).detach()
