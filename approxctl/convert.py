@@ -274,6 +274,13 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
+def set_checkpointing(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Recompute each approximate layer's added ops in the backward pass (paper section 3.4)."""
+    for _, layer in approx_layers(model):
+        layer.checkpointing = enabled
+    return model
+
+
 def get_mode(model: nn.Module) -> str:
     modes = {layer.mode for _, layer in approx_layers(model)}
     return modes.pop() if len(modes) == 1 else "mixed"

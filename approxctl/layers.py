@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from approxctl.error_models import ErrorModel, make_error_model
 from approxctl.errors import ApproxError
@@ -56,6 +57,7 @@ class ApproxLayer(nn.Module):
         ).to(device)
         self.observing = False
         self.recording = False
+        self.checkpointing = False
         target.init_layer(self)
 
     # ----------------------------------------------------------------- modes
@@ -68,28 +70,39 @@ class ApproxLayer(nn.Module):
         return f"{super().extra_repr()}, target={self.target.name}, mode={self.mode}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "float" and not self.recording:
+        if self.mode == "float":
             if self.observing:
                 self.observe(x)
             return self.float_forward(x)
         self._check_ready()
+        if self.mode == "inject" and not bool(self.error_model.fitted):
+            raise ApproxError(
+                f"layer '{self.layer_name}' has no fitted error model; run "
+                "approxctl.fit_error_model(model, batches) before inject mode"
+            )
+        if self.checkpointing and torch.is_grad_enabled() and not self.recording:
+            # Paper section 3.4: keep only the layer input for backward and recompute the
+            # quantization, proxy and injected error (same RNG state) when gradients are needed.
+            # The exact emulation is computed once, outside, since it carries no gradient.
+            exact = None
+            if self.mode == "exact":
+                with torch.no_grad():
+                    exact = self.target.exact(self, self.target.quantize(self, x))
+            return checkpoint(self._approx_forward, x, exact, use_reentrant=False)
+        return self._approx_forward(x, None)
+
+    def _approx_forward(self, x: torch.Tensor, exact: torch.Tensor | None) -> torch.Tensor:
         q = self.target.quantize(self, x)
         proxy = self.target.proxy(self, q)
-        if self.mode == "exact" or self.recording:
-            with torch.no_grad():
-                exact = self.target.exact(self, q)
-            if self.recording:
+        if self.mode == "exact":
+            if exact is None:
+                with torch.no_grad():
+                    exact = self.target.exact(self, q)
+            if self.recording:  # fit_error_model: error of the proxy against the hardware
                 self.error_model.record(proxy.detach(), exact - proxy.detach())
             acc = proxy + (exact - proxy).detach()
-        elif self.mode == "inject":
-            if not bool(self.error_model.fitted):
-                raise ApproxError(
-                    f"layer '{self.layer_name}' has no fitted error model; run "
-                    "approxctl.fit_error_model(model, batches) before inject mode"
-                )
+        else:  # inject
             acc = proxy + self.error_model.sample(proxy.detach())
-        else:  # float mode while recording: record, but return the float result
-            acc = proxy
         y = acc * self.per_channel(self.target.output_scale(self, q))
         if self.bias is not None:
             y = y + self.per_channel(self.bias)
@@ -211,6 +224,16 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
     def accumulate(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         x, pad = self._explicit_pad(x)
         return F.conv2d(x, w, None, self.stride, pad, self.dilation, self.groups)
+
+    def conv_geometry(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Input with non-zero/asymmetric padding applied, and the remaining conv arguments."""
+        x, pad = self._explicit_pad(x)
+        return x, {
+            "stride": tuple(self.stride),
+            "padding": pad,
+            "dilation": tuple(self.dilation),
+            "groups": self.groups,
+        }
 
     def accumulate_pair(
         self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor

@@ -19,7 +19,24 @@ from hypothesis import strategies as st
 
 from approxctl import functional as F
 
-LUT_DIR = Path("/work/shared/data/luts")
+# The repository's copies of the EvoApprox tables, read with numpy (not the package's loader).
+LUT_DIR = Path(__file__).resolve().parents[1] / "approxctl" / "luts"
+
+
+@pytest.fixture(autouse=True, params=["torch", "cpu"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run every test against each CPU backend: the reference and the fast one."""
+    from approxctl.backends import registry
+
+    original = registry.get
+    monkeypatch.setattr(
+        registry,
+        "get",
+        lambda name, device: original(request.param if name == "auto" else name, device),
+    )
+    return request.param
+
+
 LUT_NAMES = sorted(p.stem for p in LUT_DIR.glob("*.npy"))
 EXACT_TABLES = ("mul7u_003", "mul8u_1JJQ", "mul8s_1KV6")
 STREAM_LENGTHS = (16, 32, 64, 128, 256)

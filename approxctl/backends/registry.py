@@ -11,6 +11,7 @@ from approxctl.errors import ApproxError
 
 # name -> (module path, devices it runs on). Order is the "auto" preference, fastest first.
 _BACKENDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "cpu": ("approxctl.backends.cpu", ("cpu",)),
     "torch": ("approxctl.backends.torch_ref", ("cpu", "cuda")),
 }
 

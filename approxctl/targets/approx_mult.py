@@ -75,10 +75,16 @@ class ApproxMultTarget(Target):
         return layer.accumulate(q["a"], q["w"])
 
     def exact(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
+        backend = registry.get(self.config.backend, q["a"].device)
+        table = self.table_on(q["a"].device)
+        conv = getattr(backend, "lut_conv2d", None)
+        if conv is not None and hasattr(layer, "conv_geometry"):  # skip im2col where possible
+            x, geometry = layer.conv_geometry(q["a"].detach())
+            out = conv(x, q["w"].detach(), table, self.signed, **geometry)
+            if out is not None:
+                return out.to(torch.float32)
         a = layer.patches(q["a"].detach()).to(torch.int64)
         b = layer.weight_matrix(q["w"].detach()).to(torch.int64)
-        backend = registry.get(self.config.backend, a.device)
-        table = self.table_on(a.device)
 
         def op(a_g: torch.Tensor, b_g: torch.Tensor) -> torch.Tensor:
             return backend.lut_matmul(a_g, b_g, table, self.signed).to(torch.float32)

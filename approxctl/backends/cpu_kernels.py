@@ -1,0 +1,111 @@
+"""numba kernels for the fast CPU backend (compiled on first use, cached on disk).
+
+Each kernel walks rows in parallel and keeps one accumulator per output column, so the inner
+loop runs over output columns (contiguous, SIMD-friendly) while a row's input value is reused for
+all of them. Inputs that are zero contribute nothing in every target (a zero stream, a zero
+product), so they are skipped: after a ReLU that is often most of them.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(inline="always")
+def _popcount64(x: np.uint64) -> int:
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return int((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def sc_or_and(a, phase_a, table_a, b_pos, b_neg, out):  # type: ignore[no-untyped-def]
+    """OR over k of (stream(a[r,k]) AND stream(b[o,k])), popcounted, for both weight signs.
+
+    a: (R, K) uint8 stream values; phase_a: (K,) activation phases; table_a: (L, L+1, W)
+    packed activation streams by (phase, value); b_pos, b_neg: (K, W, O) packed weight streams;
+    out: (R, O, 2) int64.
+    """
+    rows, depth = a.shape
+    words = table_a.shape[2]
+    outs = b_pos.shape[2]
+    for r in numba.prange(rows):
+        acc_p = np.zeros((words, outs), dtype=table_a.dtype)
+        acc_n = np.zeros((words, outs), dtype=table_a.dtype)
+        for k in range(depth):
+            value = a[r, k]
+            if value == 0:
+                continue
+            for w in range(words):
+                word = table_a[phase_a[k], value, w]
+                for o in range(outs):
+                    acc_p[w, o] |= word & b_pos[k, w, o]
+                    acc_n[w, o] |= word & b_neg[k, w, o]
+        for o in range(outs):
+            ones_p = 0
+            ones_n = 0
+            for w in range(words):
+                ones_p += _popcount64(np.uint64(acc_p[w, o]))
+                ones_n += _popcount64(np.uint64(acc_n[w, o]))
+            out[r, o, 0] = ones_p
+            out[r, o, 1] = ones_n
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def analog_adc(a, b_pos, b_neg, array_size, levels, adc_max, out):  # type: ignore[no-untyped-def]
+    """sum over arrays of ADC(partial sum of a * b+) - ADC(partial sum of a * b-).
+
+    a: (R, K), b_pos, b_neg: (K, O) non-negative ints, all of the accumulator dtype (int32 when
+    the largest partial sum fits, else int64); out: (R, O) int64. The ADC code is
+    floor((2 p levels + adc_max) / (2 adc_max)) clamped to [0, levels], computed in float64,
+    which is exact because the numerator stays below 2^53 (checked by the caller).
+    """
+    rows, depth = a.shape
+    outs = b_pos.shape[1]
+    two_max = 2.0 * adc_max
+    for r in numba.prange(rows):
+        total = np.zeros(outs, dtype=np.int64)
+        p_pos = np.zeros(outs, dtype=b_pos.dtype)
+        p_neg = np.zeros(outs, dtype=b_pos.dtype)
+        for start in range(0, depth, array_size):
+            p_pos[:] = 0
+            p_neg[:] = 0
+            used = False
+            for k in range(start, min(depth, start + array_size)):
+                value = a[r, k]
+                if value == 0:
+                    continue
+                used = True
+                for o in range(outs):
+                    p_pos[o] += value * b_pos[k, o]
+                    p_neg[o] += value * b_neg[k, o]
+            if not used:  # all-zero inputs give partial sums 0 and ADC code 0
+                continue
+            for o in range(outs):
+                q_pos = np.floor((2.0 * levels * p_pos[o] + adc_max) / two_max)
+                q_neg = np.floor((2.0 * levels * p_neg[o] + adc_max) / two_max)
+                total[o] += np.int64(min(q_pos, levels)) - np.int64(min(q_neg, levels))
+        out[r, :] = total
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def lut_gather(a, b, table, skip_row, out):  # type: ignore[no-untyped-def]
+    """out[r, o] = sum_k table[a[r, k], b[k, o]] with indices already offset to be >= 0.
+
+    a: (R, K) int16 row indices; b: (K, O) int16 column indices; table: (V, V) int32 holding the
+    signed products (sign-magnitude already applied); skip_row: a row index whose table row is
+    all zeros (or -1); out: (R, O) int64.
+    """
+    rows, depth = a.shape
+    outs = b.shape[1]
+    for r in numba.prange(rows):
+        acc = np.zeros(outs, dtype=np.int64)
+        for k in range(depth):
+            row = a[r, k]
+            if row == skip_row:
+                continue
+            for o in range(outs):
+                acc[o] += table[row, b[k, o]]
+        out[r, :] = acc

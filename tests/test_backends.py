@@ -1,0 +1,214 @@
+"""Every fast path against the reference backend, bit for bit (SPEC section 7).
+
+The reference ``torch_ref`` is itself checked against plain loops in test_functional_spec.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from approxctl.backends import cpu, lowrank, torch_ref
+from approxctl.luts import bundled_luts, load_lut
+from approxctl.luts.factor import factorize, factors_for
+
+LUT_NAMES = list(bundled_luts())
+
+
+def _rand(lo: int, hi: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    return torch.randint(lo, hi + 1, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------ LUT
+@pytest.mark.parametrize("name", LUT_NAMES)
+def test_lut_matmul_every_table_random_and_extreme(name: str) -> None:
+    signed = name.startswith("mul8s")
+    lut = load_lut(name)
+    lo, hi = (-128, 127) if signed else (-(lut.shape[0] - 1), lut.shape[0] - 1)
+    a, b = _rand(lo, hi, (37, 301), 1), _rand(lo, hi, (11, 301), 2)
+    assert torch.equal(cpu.lut_matmul(a, b, lut, signed), torch_ref.lut_matmul(a, b, lut, signed))
+    # All operands at the extreme: the largest sums the float32 chunking must keep exact.
+    a_max = torch.full((3, 2000), hi)
+    b_max = torch.full((2, 2000), lo if signed else hi)
+    assert torch.equal(
+        cpu.lut_matmul(a_max, b_max, lut, signed), torch_ref.lut_matmul(a_max, b_max, lut, signed)
+    )
+
+
+def test_factorizations_are_exact_and_bounded() -> None:
+    for name in LUT_NAMES:
+        table = load_lut(name).numpy()
+        factors = factors_for(table)
+        if factors is None:
+            assert np.linalg.matrix_rank(table.astype(np.float64)) > 24, name
+            continue
+        assert np.array_equal(factors.left @ factors.right, table), name
+        assert factors.bound >= np.abs(table).max()
+        assert factors.bound < 1 << 24
+
+
+def _synthetic_signed_table(rank: int, seed: int) -> torch.Tensor:
+    """A signed table of given rank whose row for a = 0 is not zero (unlike EvoApprox's)."""
+    rng = np.random.default_rng(seed)
+    left = rng.integers(-20, 21, (256, rank))
+    right = rng.integers(-20, 21, (rank, 256))
+    return torch.from_numpy(left @ right)
+
+
+def test_user_table_is_factorized_at_run_time() -> None:
+    table = _synthetic_signed_table(3, 0)
+    factors = factorize(table.numpy())
+    assert factors is not None and factors.rank == 3
+    a, b = _rand(-128, 127, (20, 50), 3), _rand(-128, 127, (7, 50), 4)
+    assert torch.equal(cpu.lut_matmul(a, b, table, True), torch_ref.lut_matmul(a, b, table, True))
+
+
+@given(
+    n=st.integers(1, 9),
+    o=st.integers(1, 6),
+    k=st.integers(1, 80),
+    name=st.sampled_from(["mul7u_09Y", "mul7u_031", "mul8u_17MJ", "mul8s_1KV9", "mul8u_L93"]),
+    seed=st.integers(0, 2**31),
+)
+@settings(max_examples=40, deadline=None)
+def test_lut_matmul_generated(n: int, o: int, k: int, name: str, seed: int) -> None:
+    lut = load_lut(name)
+    signed = name.startswith("mul8s")
+    lo, hi = (-128, 127) if signed else (-(lut.shape[0] - 1), lut.shape[0] - 1)
+    a, b = _rand(lo, hi, (n, k), seed), _rand(lo, hi, (o, k), seed + 1)
+    assert torch.equal(cpu.lut_matmul(a, b, lut, signed), torch_ref.lut_matmul(a, b, lut, signed))
+
+
+CONVS = [
+    dict(c=3, o=4, k=3, stride=1, padding=1, dilation=1, groups=1),
+    dict(c=37, o=5, k=5, stride=1, padding=2, dilation=1, groups=1),  # several padded chunks
+    dict(c=8, o=8, k=3, stride=2, padding=1, dilation=1, groups=8),  # depthwise
+    dict(c=12, o=6, k=3, stride=1, padding=2, dilation=2, groups=3),
+    dict(c=64, o=4, k=7, stride=3, padding=0, dilation=1, groups=2),
+    dict(c=5, o=2, k=1, stride=1, padding=0, dilation=1, groups=1),
+]
+
+
+def _im2col_reference(x, w, lut, signed, stride, padding, dilation, groups):  # type: ignore[no-untyped-def]
+    n = x.shape[0]
+    o, cg, kh, kw = w.shape
+    xp = F.pad(x, (padding, padding, padding, padding))
+    cols = F.unfold(xp.double(), (kh, kw), dilation=dilation, stride=stride).long()
+    h_out = (x.shape[2] + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
+    w_out = (x.shape[3] + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+    cols = cols.view(n, groups, cg * kh * kw, -1)
+    outs = []
+    for g in range(groups):
+        rows = cols[:, g].transpose(1, 2).reshape(-1, cg * kh * kw)
+        wg = w[g * (o // groups) : (g + 1) * (o // groups)].reshape(o // groups, -1)
+        outs.append(torch_ref.lut_matmul(rows, wg, lut, signed).view(n, -1, o // groups))
+    return torch.cat(outs, 2).permute(0, 2, 1).reshape(n, o, h_out, w_out)
+
+
+@pytest.mark.parametrize("geometry", CONVS, ids=str)
+@pytest.mark.parametrize("table", ["mul7u_09Y", "mul8u_GTR", "mul8s_1KV8", "synthetic"])
+def test_lut_conv2d_equals_im2col_reference(geometry: dict, table: str) -> None:
+    g = dict(geometry)
+    c, o, k = g.pop("c"), g.pop("o"), g.pop("k")
+    if table == "synthetic":
+        lut, signed = _synthetic_signed_table(4, 1), True
+    else:
+        lut, signed = load_lut(table), table.startswith("mul8s")
+    lo, hi = (-128, 127) if signed else (-(lut.shape[0] - 1), lut.shape[0] - 1)
+    x = _rand(lo, hi, (2, c, 9, 8), 5)
+    w = _rand(lo, hi, (o, c // g["groups"], k, k), 6)
+    padding = g.pop("padding")
+    out = lowrank.lut_conv2d(
+        x, w, lut, signed, stride=(g["stride"],) * 2, padding=(padding, padding),
+        dilation=(g["dilation"],) * 2, groups=g["groups"],
+    )  # fmt: skip
+    assert out is not None
+    expected = _im2col_reference(
+        x, w, lut, signed, g["stride"], padding, g["dilation"], g["groups"]
+    )
+    assert torch.equal(out, expected)
+
+
+def test_lut_conv2d_extreme_values_stay_exact() -> None:
+    lut = load_lut("mul8u_GTR")
+    x = torch.full((1, 96, 6, 6), 255)
+    w = torch.full((2, 96, 3, 3), 255)
+    out = lowrank.lut_conv2d(
+        x, w, lut, False, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1
+    )
+    assert torch.equal(out, _im2col_reference(x, w, lut, False, 1, 1, 1, 1))
+
+
+# ------------------------------------------------------------------------------- SC
+@pytest.mark.parametrize("length", [16, 32, 64, 128, 256])
+def test_sc_matmul_every_length(length: int) -> None:
+    a = _rand(0, length, (23 if length <= 64 else 4, 2 * length + 3), 7)
+    a[:, ::3] = 0  # zero activations take the kernel's skip path
+    bp, bn = _rand(0, length, (5, 2 * length + 3), 8), _rand(0, length, (5, 2 * length + 3), 9)
+    assert torch.equal(cpu.sc_matmul(a, bp, bn, length), torch_ref.sc_matmul(a, bp, bn, length))
+
+
+@given(
+    n=st.integers(1, 12),
+    o=st.integers(1, 9),
+    k=st.integers(1, 150),
+    length=st.sampled_from([16, 32, 64, 128, 256]),
+    phase_a=st.tuples(st.integers(0, 9), st.integers(0, 9)),
+    phase_b=st.tuples(st.integers(0, 9), st.integers(0, 9)),
+    sparse=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+@settings(max_examples=60, deadline=None)
+def test_sc_matmul_generated(n, o, k, length, phase_a, phase_b, sparse, seed) -> None:  # type: ignore[no-untyped-def]
+    hi = 3 if sparse else length  # small values: streams with few ones, rarely saturating
+    a, bp, bn = (_rand(0, hi, s, seed + i) for i, s in enumerate([(n, k), (o, k), (o, k)]))
+    kwargs = {"phase_a": phase_a, "phase_b": phase_b}
+    assert torch.equal(
+        cpu.sc_matmul(a, bp, bn, length, **kwargs), torch_ref.sc_matmul(a, bp, bn, length, **kwargs)
+    )
+
+
+def test_sc_matmul_extremes() -> None:
+    for value in (0, 32):
+        a = torch.full((4, 70), value)
+        b = torch.full((3, 70), 32 - value)
+        assert torch.equal(cpu.sc_matmul(a, b, b, 32), torch_ref.sc_matmul(a, b, b, 32))
+
+
+# --------------------------------------------------------------------------- analog
+@given(
+    n=st.integers(1, 10),
+    o=st.integers(1, 7),
+    k=st.integers(1, 120),
+    array_size=st.sampled_from([1, 2, 9, 25, 64, 121]),
+    adc_bits=st.integers(1, 16),
+    adc_max=st.integers(1, 3_000_000),
+    sparse=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+@settings(max_examples=80, deadline=None)
+def test_analog_matmul_generated(n, o, k, array_size, adc_bits, adc_max, sparse, seed) -> None:  # type: ignore[no-untyped-def]
+    a = _rand(0, 255, (n, k), seed)
+    if sparse:
+        a[a < 200] = 0
+    b = _rand(-127, 127, (o, k), seed + 1)
+    assert torch.equal(
+        cpu.analog_matmul(a, b, array_size, adc_bits, adc_max),
+        torch_ref.analog_matmul(a, b, array_size, adc_bits, adc_max),
+    )
+
+
+def test_analog_matmul_int64_accumulators_for_huge_arrays() -> None:
+    """Partial sums beyond int32 (255 * 127 * 70000 > 2^31) take the int64 kernel."""
+    k = 70_000
+    a = torch.full((2, k), 255)
+    b = torch.full((2, k), 127)
+    b[1] = -127
+    for adc_max in (1, 255 * 127 * k, 10**12):
+        assert torch.equal(
+            cpu.analog_matmul(a, b, k, 8, adc_max), torch_ref.analog_matmul(a, b, k, 8, adc_max)
+        )
