@@ -286,6 +286,84 @@ def convert(
     out.print(f"wrote {result.out}/model.safetensors and approx.json in {result.seconds:.1f} s")
 
 
+@app.command()
+@user_errors
+def profile(
+    source: Annotated[str, typer.Argument(help="Model (as for convert) or a converted directory.")],
+    target: Annotated[
+        str | None, typer.Option("--target", "-t", help="sc, approx-mult (am) or analog.")
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option(help=".pt/.pth state dict or .safetensors.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
+    iters: Annotated[
+        int, typer.Option(help="Timed steps per configuration (median reported).")
+    ] = 7,
+    warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    data: Annotated[
+        str, typer.Option(help="Dataset for the batch (see convert).")
+    ] = "fashion-mnist",
+    input_shape: Annotated[
+        str | None, typer.Option(help="C,H,W: random inputs of this shape instead of --data.")
+    ] = None,
+    num_classes: Annotated[int, typer.Option(help="Classes for random inputs.")] = 10,
+    checkpointing: Annotated[
+        bool, typer.Option(help="Also time with gradient checkpointing.")
+    ] = True,
+    lut: Annotated[str | None, typer.Option(help="[approx-mult] multiplier.")] = None,
+    adc_bits: Annotated[int | None, typer.Option(help="[analog] ADC resolution.")] = None,
+    sc_length: Annotated[int | None, typer.Option(help="[sc] stream length.")] = None,
+    backend: Annotated[str | None, typer.Option(help="Emulation backend.")] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Seconds per training step and memory in float, exact and inject mode (Tables 6/7)."""
+    from approxctl.pipeline import DataOptions, profile_source
+
+    options = {}
+    if target is not None:
+        flags = {"lut": lut, "adc_bits": adc_bits, "sc_length": sc_length, "backend": backend}
+        options = target_options(target, flags, None)
+    shape = None
+    if input_shape is not None:
+        try:
+            shape = tuple(int(v) for v in input_shape.split(","))
+        except ValueError:
+            raise ApproxError(f"--input-shape takes C,H,W, got '{input_shape}'") from None
+    with err.status("profiling…", spinner="dots") if not (quiet or json_out) else _nullcontext():
+        result = profile_source(
+            source, target, weights=weights, data=DataOptions(spec=data, batch_size=batch_size),
+            input_shape=shape, num_classes=num_classes, options=options, iters=iters,  # type: ignore[arg-type]
+            warmup=warmup, checkpointing=checkpointing, device=device,
+        )  # fmt: skip
+    if json_out:
+        _print_json(result)
+        return
+    table = Table(
+        title=f"{result['model']} on {result['target']}: training step, batch "
+        f"{result['batch_size']}, {'x'.join(map(str, result['input_shape']))}, {result['device']}",
+        title_justify="left",
+    )
+    for col in ("mode", "step (s)", "x float", "memory (MB)"):
+        table.add_column(col, justify="left" if col == "mode" else "right")
+    base = result["modes"]["float"]["step_s"]
+    rows = [(m, s) for m, s in result["modes"].items()]
+    rows += [(f"{m} + checkpointing", s) for m, s in result.get("checkpointing", {}).items()]
+    for mode, stats in rows:
+        table.add_row(mode, f"{stats['step_s']:.4f}", f"{stats['step_s'] / base:.2f}",
+                      f"{stats['peak_mem_mb']:.1f}")  # fmt: skip
+    out.print(table)
+    kind = (
+        "peak CUDA memory"
+        if result["memory"] == "cuda_peak_allocated"
+        else ("memory: tensors saved for backward")
+    )
+    out.print(f"median of {result['iters']} steps per mode, timed round-robin; {kind}")
+
+
 class _nullcontext:
     def __enter__(self) -> None:
         return None

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from approxctl.errors import ApproxError
+from approxctl.noise import ChannelLayout, add_error, horner
 
 # Samples kept per layer and per batch when recording type-1 statistics.
 SAMPLES_PER_BATCH = 1 << 16
@@ -86,7 +87,23 @@ class ErrorModel(nn.Module):
     def _fit(self) -> None:
         raise NotImplementedError
 
+    def inject(
+        self, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, layout: ChannelLayout
+    ) -> torch.Tensor:
+        """Outputs ``y = v * scale + bias`` plus the error drawn at v, times ``scale``.
+
+        ``scale``/``bias`` broadcast per channel; the gradient passes straight through to y.
+        """
+        mu, sigma, domain = self._polynomials()
+        return add_error(y, mu, sigma, domain, scale=scale, bias=bias, layout=layout)
+
     def sample(self, v: torch.Tensor) -> torch.Tensor:
+        """The error alone that ``inject`` would add at accumulator values ``v`` (tests, plots)."""
+        flat = v.detach().reshape(-1)
+        one, zero = torch.ones((), dtype=v.dtype), torch.zeros((), dtype=v.dtype)
+        return (self.inject(flat, one, zero, ChannelLayout(1, 1)) - flat).view(v.shape)
+
+    def _polynomials(self) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
         raise NotImplementedError
 
     def stats(self) -> dict[str, object]:
@@ -111,9 +128,8 @@ class GaussianErrorModel(ErrorModel):
         self.mean.fill_(float(self.summary[0]))
         self.std.fill_(float(self.summary[1]))
 
-    def sample(self, v: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn_like(v)
-        return noise.mul_(self.std.to(v.dtype)).add_(self.mean.to(v.dtype))
+    def _polynomials(self) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+        return self.mean.view(1), self.std.view(1), (-1.0, 1.0)  # constants: degree 0
 
     def stats(self) -> dict[str, object]:
         return {"kind": "gaussian", "mean": float(self.mean), "std": float(self.std)}
@@ -153,13 +169,6 @@ def fit_binned_polynomials(
         sigma_coef = np.polynomial.polynomial.polyfit(t, sigma, deg, w=weights)
     binned = {"v": centers, "mean": mu, "std": sigma, "count": count[keep]}
     return mu_coef, sigma_coef, (lo, hi), binned
-
-
-def _horner(coef: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    out = torch.full_like(t, float(coef[-1]))
-    for c in coef.flip(0)[1:].tolist():
-        out.mul_(t).add_(c)
-    return out
 
 
 class PolynomialErrorModel(ErrorModel):
@@ -205,19 +214,14 @@ class PolynomialErrorModel(ErrorModel):
         return (v.clamp(lo, hi) - mid) / half
 
     def mean_at(self, v: torch.Tensor) -> torch.Tensor:
-        return _horner(self.mu_coef, self._window(v))
+        return horner(self.mu_coef, self._window(v))
 
     def std_at(self, v: torch.Tensor) -> torch.Tensor:
-        return _horner(self.sigma_coef, self._window(v)).clamp_(min=0)
+        return horner(self.sigma_coef, self._window(v)).clamp_(min=0)
 
-    def sample(self, v: torch.Tensor) -> torch.Tensor:
-        t = self._window(v)
-        return (
-            _horner(self.sigma_coef, t)
-            .clamp_(min=0)
-            .mul_(torch.randn_like(v))
-            .add_(_horner(self.mu_coef, t))
-        )
+    def _polynomials(self) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+        lo, hi = self.domain.tolist()
+        return self.mu_coef, self.sigma_coef, (lo, hi)
 
     def stats(self) -> dict[str, object]:
         return {

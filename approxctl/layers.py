@@ -4,14 +4,14 @@
 the parent's forward untouched (so it equals plain PyTorch bit for bit), the parameters keep their
 names, and code that inspects ``in_channels`` or ``weight`` keeps working.
 
-In ``exact`` and ``inject`` modes the target quantizes input and weight, computes the proxy
-activation (paper section 3.1) of the accumulation, and then
+In ``exact`` and ``inject`` modes the target quantizes input and weight and computes the proxy
+activation (paper section 3.1) of the accumulation as float outputs ``proxy * scale + bias``
+(``scale``: per output channel, from the target's accumulator domain to float). Then
 
-* ``exact``:  ``acc = proxy + (exact - proxy).detach()`` — the hardware's result forward, the
-  proxy's gradient backward (straight-through);
-* ``inject``: ``acc = proxy + error.detach()`` with the error drawn from the layer's error model;
-
-and the output is ``acc * output_scale + bias``.
+* ``exact``: the forward value is ``exact * scale + bias`` — the hardware's result — and the
+  backward is the proxy's gradient (straight-through);
+* ``inject``: the error drawn from the layer's error model at the proxy value is added
+  (times ``scale``), its gradient passing straight through.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from torch.utils.checkpoint import checkpoint
 
 from approxctl.error_models import ErrorModel, make_error_model
 from approxctl.errors import ApproxError
+from approxctl.noise import ChannelLayout
+from approxctl.proxy_ops import straight_through
 from approxctl.targets.base import Target, TargetConfig
 
 MODES = ("float", "exact", "inject")
@@ -80,33 +82,39 @@ class ApproxLayer(nn.Module):
                 f"layer '{self.layer_name}' has no fitted error model; run "
                 "approxctl.fit_error_model(model, batches) before inject mode"
             )
-        if self.checkpointing and torch.is_grad_enabled() and not self.recording:
-            # Paper section 3.4: keep only the layer input for backward and recompute the
-            # quantization, proxy and injected error (same RNG state) when gradients are needed.
-            # The exact emulation is computed once, outside, since it carries no gradient.
-            exact = None
-            if self.mode == "exact":
-                with torch.no_grad():
-                    exact = self.target.exact(self, self.target.quantize(self, x))
-            return checkpoint(self._approx_forward, x, exact, use_reentrant=False)
-        return self._approx_forward(x, None)
+        return self._approx_forward(x)
 
-    def _approx_forward(self, x: torch.Tensor, exact: torch.Tensor | None) -> torch.Tensor:
+    def _proxy_output(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantization and proxy: float outputs (bias included) and the output scale."""
         q = self.target.quantize(self, x)
-        proxy = self.target.proxy(self, q)
+        return self.target.proxy(self, q), self.target.output_scale(self, q)
+
+    def _approx_forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = None
+        if self.checkpointing and torch.is_grad_enabled():
+            # Paper section 3.4: keep only the layer input for backward and recompute the
+            # quantization and proxy when the gradient is needed. The exact emulation and the
+            # injected error carry no gradient and stay outside.
+            y, scale = checkpoint(
+                self._proxy_output, x, use_reentrant=False, preserve_rng_state=False
+            )
+        else:
+            q = self.target.quantize(self, x)
+            y, scale = self.target.proxy(self, q), self.target.output_scale(self, q)
+        scale = self.per_channel(scale)
+        bias = (
+            self.per_channel(self.bias.detach()) if self.bias is not None else scale.new_zeros(())
+        )
         if self.mode == "exact":
-            if exact is None:
-                with torch.no_grad():
-                    exact = self.target.exact(self, q)
-            if self.recording:  # fit_error_model: error of the proxy against the hardware
-                self.error_model.record(proxy.detach(), exact - proxy.detach())
-            acc = proxy + (exact - proxy).detach()
-        else:  # inject
-            acc = proxy + self.error_model.sample(proxy.detach())
-        y = acc * self.per_channel(self.target.output_scale(self, q))
-        if self.bias is not None:
-            y = y + self.per_channel(self.bias)
-        return y
+            with torch.no_grad():
+                exact = self.target.exact(
+                    self, q if q is not None else self.target.quantize(self, x)
+                )
+            if self.recording:  # fit_error_model: the proxy's error against the hardware
+                v = (y.detach() - bias) / scale
+                self.error_model.record(v, exact - v)
+            return straight_through(y, exact * scale + bias)
+        return self.error_model.inject(y, scale, bias, self.channel_layout(y))
 
     def _check_ready(self) -> None:
         if not bool(self.calibrated):
@@ -145,16 +153,22 @@ class ApproxLayer(nn.Module):
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def accumulate(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def accumulate(
+        self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The float conv/linear of this layer's geometry with other weights (and bias)."""
         raise NotImplementedError
 
-    def accumulate_pair(
-        self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def accumulate_terms(self, terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """sum over (x, w) of accumulate(x, w), as one conv/GEMM over concatenated inputs."""
         raise NotImplementedError
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
-        """Input as GEMM rows per group, (G, R, K_g), K ordered (in_channel, kh, kw)."""
+        """Input as GEMM rows per group, (G, R, K_g), K ordered (in_channel, kh, kw).
+
+        Integer inputs (operands, |value| <= 256) come back as int32: im2col runs in float32,
+        which holds them exactly, since torch's unfold has no integer kernel.
+        """
         raise NotImplementedError
 
     def weight_matrix(self, w: torch.Tensor) -> torch.Tensor:
@@ -166,6 +180,10 @@ class ApproxLayer(nn.Module):
         raise NotImplementedError
 
     def per_channel(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-output-channel vector (or a scalar) shaped to broadcast against outputs."""
+        raise NotImplementedError
+
+    def channel_layout(self, y: torch.Tensor) -> ChannelLayout:
         raise NotImplementedError
 
     @property
@@ -221,9 +239,20 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
             return F.pad(x, self._reversed_padding_repeated_twice), (0, 0)
         return x, (int(self.padding[0]), int(self.padding[1]))
 
-    def accumulate(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def accumulate(
+        self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x, pad = self._explicit_pad(x)
-        return F.conv2d(x, w, None, self.stride, pad, self.dilation, self.groups)
+        return F.conv2d(x, w, bias, self.stride, pad, self.dilation, self.groups)
+
+    def group_concat(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        """Inputs (N, C, H, W) concatenated channel-wise *within each group*, so that group g
+        sees [x1_g, x2_g, ...] (plain concatenation would move channels across groups)."""
+        if len(xs) == 1:
+            return xs[0]
+        n, c, h, w = xs[0].shape
+        g = self.groups
+        return torch.cat([x.view(n, g, c // g, h, w) for x in xs], 2).view(n, -1, h, w)
 
     def conv_geometry(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """Input with non-zero/asymmetric padding applied, and the remaining conv arguments."""
@@ -235,28 +264,25 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
             "groups": self.groups,
         }
 
-    def accumulate_pair(
-        self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # One conv with both weight sets, interleaved per group so each stays in its group.
-        g = self.groups
-        o = w1.shape[0]
-        both = torch.stack(
-            [w1.view(g, o // g, *w1.shape[1:]), w2.view(g, o // g, *w2.shape[1:])], 1
-        )
-        y = self.accumulate(x, both.reshape(2 * o, *w1.shape[1:]))
-        y = y.view(y.shape[0], g, 2, o // g, *y.shape[2:])
-        return y[:, :, 0].reshape(y.shape[0], o, *y.shape[4:]), y[:, :, 1].reshape(
-            y.shape[0], o, *y.shape[4:]
-        )
+    def accumulate_terms(self, terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        if len(terms) == 1:
+            return self.accumulate(*terms[0])
+        # Weights (O, C/g, kh, kw) concatenate along dim 1 per output, i.e. within each group,
+        # matching group_concat's input order.
+        weight = torch.cat([w for _, w in terms], 1)
+        return self.accumulate(self.group_concat([x for x, _ in terms]), weight)
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
+        integer = not x.dtype.is_floating_point
+        if integer:
+            x = x.to(torch.float32)
         x, pad = self._explicit_pad(x)
         cols = F.unfold(x, self.kernel_size, self.dilation, pad, self.stride)  # (N, C*kh*kw, P)
         n, _, p = cols.shape
         g = self.groups
         cols = cols.view(n, g, -1, p).permute(1, 0, 3, 2)  # (G, N, P, K_g)
-        return cols.reshape(g, n * p, -1)
+        cols = cols.reshape(g, n * p, -1)
+        return cols.to(torch.int32) if integer else cols
 
     def weight_matrix(self, w: torch.Tensor) -> torch.Tensor:
         g = self.groups
@@ -287,6 +313,9 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
     def per_channel(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(1, -1, 1, 1) if t.dim() == 1 else t
 
+    def channel_layout(self, y: torch.Tensor) -> ChannelLayout:
+        return ChannelLayout(self.out_channels, y.shape[2] * y.shape[3])
+
     @property
     def reduction_size(self) -> int:
         return (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
@@ -315,14 +344,15 @@ class ApproxLinear(ApproxLayer, nn.Linear):
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.Linear.forward(self, x)
 
-    def accumulate(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, w)
+    def accumulate(
+        self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F.linear(x, w, bias)
 
-    def accumulate_pair(
-        self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        y = F.linear(x, torch.cat([w1, w2], 0))
-        return y[..., : w1.shape[0]], y[..., w1.shape[0] :]
+    def accumulate_terms(self, terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        if len(terms) == 1:
+            return self.accumulate(*terms[0])
+        return F.linear(torch.cat([x for x, _ in terms], -1), torch.cat([w for _, w in terms], 1))
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(1, -1, x.shape[-1])
@@ -335,6 +365,9 @@ class ApproxLinear(ApproxLayer, nn.Linear):
 
     def per_channel(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+    def channel_layout(self, y: torch.Tensor) -> ChannelLayout:
+        return ChannelLayout(self.out_features, 1)
 
     @property
     def reduction_size(self) -> int:

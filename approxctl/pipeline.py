@@ -189,3 +189,89 @@ def convert_source(
         unsupported=dict(plan.unsupported),
         excluded=list(plan.excluded),
     )
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable name of the device the numbers were measured on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def profile_source(
+    source: str,
+    target: str | None,
+    *,
+    weights: str | None = None,
+    data: DataOptions | None = None,
+    input_shape: tuple[int, int, int] | None = None,
+    num_classes: int = 10,
+    options: dict[str, Any] | None = None,
+    iters: int = 7,
+    warmup: int = 2,
+    checkpointing: bool = True,
+    device: str = "auto",
+    trust_pickle: bool = False,
+) -> dict[str, Any]:
+    """``approxctl profile``: seconds per training step and memory per mode (SPEC section 5).
+
+    Inputs are one batch of ``data`` or, with ``input_shape`` (C, H, W), random normal images
+    (for shapes no local dataset has, e.g. 3x32x32 without CIFAR-10).
+    """
+    from approxctl.profile import profile_modes
+
+    data = data or DataOptions()
+    dev = resolve_device(device)
+    if iters < 1 or warmup < 0:
+        raise ApproxError("--iters must be at least 1 and --warmup at least 0")
+    generator = torch.Generator().manual_seed(data.seed)
+    if input_shape is not None:
+        if len(input_shape) != 3 or min(input_shape) < 1:
+            raise ApproxError(f"--input-shape must be C,H,W, got {input_shape}")
+        x = torch.randn(data.batch_size, *input_shape, generator=generator)
+        y = torch.randint(0, num_classes, (data.batch_size,), generator=generator)
+        in_channels, image_size, classes = input_shape[0], input_shape[1], num_classes
+        data_name = f"random normal {'x'.join(map(str, input_shape))}"
+    else:
+        bundle = data.load()
+        x, y = next(iter(bundle.train))
+        if x.shape[0] < data.batch_size:
+            raise ApproxError(f"{bundle.name} has fewer than {data.batch_size} training images")
+        in_channels, image_size, classes = bundle.in_channels, bundle.image_size, bundle.num_classes
+        data_name = bundle.name
+    x, y = x.to(dev), y.to(dev)
+    if classify(source) == "dir":
+        converted = io.load(source).to(dev)
+        model_name = source
+    else:
+        if target is None:
+            raise ApproxError("--target is required unless SOURCE is a converted directory")
+        model, info = build_model(
+            source, weights=weights, num_classes=None if weights else classes,
+            in_channels=in_channels, image_size=image_size, trust_pickle=trust_pickle,
+        )  # fmt: skip
+        converted = convert(model.to(dev), target, **(options or {}))
+        calibrate(converted, [x])
+        model_name = info.name
+    fit_error_model(converted, [x])
+    plan = converted.approx_plan  # type: ignore[union-attr]
+    result = profile_modes(converted, x, y, iters=iters, warmup=warmup, checkpointing=checkpointing)
+    return {
+        "target": plan.target,
+        "model": model_name,
+        "device": device_name(dev),
+        "batch_size": int(x.shape[0]),
+        "input_shape": list(x.shape[1:]),
+        "data": data_name,
+        "iters": iters,
+        **result,
+    }

@@ -54,43 +54,40 @@ def _saved_tensor_mb(step: Callable[[], torch.Tensor]) -> float:
     return sum(seen.values()) / 2**20
 
 
-def time_training_step(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    iters: int,
-    warmup: int,
-) -> StepStats:
-    device = x.device
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+class _Stepper:
+    """One training configuration (mode, checkpointing) of a model on a fixed batch."""
 
-    def forward() -> torch.Tensor:
-        return F.cross_entropy(model(x), y)
+    def __init__(self, model: nn.Module, mode: str, checkpointing: bool) -> None:
+        self.model, self.mode, self.checkpointing = model, mode, checkpointing
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        self.times: list[float] = []
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        forward().backward()
-        optimizer.step()
+    def configure(self) -> None:
+        set_mode(self.model, self.mode)
+        set_checkpointing(self.model, self.checkpointing)
 
-    for _ in range(warmup):
-        step()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(iters):
-        _sync(device)
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.model(x), y)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.configure()
+        _sync(x.device)
         start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        optimizer.zero_grad(set_to_none=True)
-        peak = _saved_tensor_mb(forward)
-    return StepStats(statistics.median(times), peak)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss(x, y).backward()
+        self.optimizer.step()
+        _sync(x.device)
+        return time.perf_counter() - start
+
+    def memory_mb(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.configure()
+        self.optimizer.zero_grad(set_to_none=True)
+        if x.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(x.device)
+            self.loss(x, y).backward()
+            _sync(x.device)
+            return torch.cuda.max_memory_allocated(x.device) / 2**20
+        return _saved_tensor_mb(lambda: self.loss(x, y))
 
 
 def profile_modes(
@@ -98,37 +95,46 @@ def profile_modes(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    iters: int = 5,
+    iters: int = 7,
     warmup: int = 2,
     checkpointing: bool = True,
 ) -> dict[str, Any]:
     """Step time and memory in float/exact/inject (and with checkpointing), plus the ratios.
 
-    The model must be converted, calibrated and have fitted error models. Its weights change
-    (tiny SGD steps); pass a copy if that matters. Modes and checkpointing are restored.
+    Configurations are timed round-robin (one step of each per round), so a slow moment of a
+    shared machine hits all of them alike; each reports the median of ``iters`` rounds after
+    ``warmup`` rounds. The model must be converted, calibrated and have fitted error models. Its
+    weights, modes and checkpointing are restored afterwards.
     """
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    results: dict[str, StepStats] = {}
-    with_ckpt: dict[str, StepStats] = {}
+    model.train()
+    configs = {mode: _Stepper(model, mode, False) for mode in ("float", "exact", "inject")}
+    if checkpointing:
+        configs |= {f"{m}+ckpt": _Stepper(model, m, True) for m in ("exact", "inject")}
     try:
-        for mode in ("float", "exact", "inject"):
-            set_mode(model, mode)
-            set_checkpointing(model, False)
-            results[mode] = time_training_step(model, x, y, iters=iters, warmup=warmup)
-            if checkpointing and mode != "float":
-                set_checkpointing(model, True)
-                with_ckpt[mode] = time_training_step(model, x, y, iters=iters, warmup=warmup)
+        for round_ in range(warmup + iters):
+            for stepper in configs.values():
+                seconds = stepper.step(x, y)
+                if round_ >= warmup:
+                    stepper.times.append(seconds)
+        memory = {name: stepper.memory_mb(x, y) for name, stepper in configs.items()}
     finally:
         set_checkpointing(model, False)
         set_mode(model, "float")
         model.load_state_dict(state)
-    base = results["float"].step_s
-    doc: dict[str, Any] = {
-        "modes": {m: s.to_json() for m, s in results.items()},
-        "ratios": {m: results[m].step_s / base for m in ("exact", "inject")},
+    stats = {
+        name: StepStats(statistics.median(stepper.times), memory[name])
+        for name, stepper in configs.items()
     }
-    if with_ckpt:
-        doc["checkpointing"] = {m: s.to_json() for m, s in with_ckpt.items()}
-        doc["checkpointing_ratios"] = {m: s.step_s / base for m, s in with_ckpt.items()}
+    base = stats["float"].step_s
+    doc: dict[str, Any] = {
+        "modes": {m: stats[m].to_json() for m in ("float", "exact", "inject")},
+        "ratios": {m: stats[m].step_s / base for m in ("exact", "inject")},
+    }
+    if checkpointing:
+        doc["checkpointing"] = {m: stats[f"{m}+ckpt"].to_json() for m in ("exact", "inject")}
+        doc["checkpointing_ratios"] = {
+            m: stats[f"{m}+ckpt"].step_s / base for m in ("exact", "inject")
+        }
     doc["memory"] = "cuda_peak_allocated" if x.device.type == "cuda" else "autograd_saved_tensors"
     return doc

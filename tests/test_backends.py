@@ -212,3 +212,89 @@ def test_analog_matmul_int64_accumulators_for_huge_arrays() -> None:
         assert torch.equal(
             cpu.analog_matmul(a, b, k, 8, adc_max), torch_ref.analog_matmul(a, b, k, 8, adc_max)
         )
+
+
+# ------------------------------------------------------------- direct convolutions
+def _per_group_patches(x, kernel, groups, stride, padding, dilation):  # type: ignore[no-untyped-def]
+    """im2col rows of each group, (G, N*OH*OW, C_g*kh*kw), and the output size."""
+    n = x.shape[0]
+    xp = F.pad(x.double(), (padding, padding, padding, padding))
+    cols = F.unfold(xp, kernel, dilation=dilation, stride=stride).round().long()
+    h_out = (xp.shape[2] - dilation * (kernel[0] - 1) - 1) // stride + 1
+    w_out = (xp.shape[3] - dilation * (kernel[1] - 1) - 1) // stride + 1
+    cols = cols.view(n, groups, -1, h_out * w_out).permute(1, 0, 3, 2)
+    return cols.reshape(groups, n * h_out * w_out, -1), (h_out, w_out)
+
+
+def _fold(per_group: list[torch.Tensor], n: int, size: tuple[int, int]) -> torch.Tensor:
+    """[(N*OH*OW, O_g)] per group -> (N, O, OH, OW)."""
+    out = torch.cat([t.view(n, size[0] * size[1], -1) for t in per_group], 2)
+    return out.permute(0, 2, 1).reshape(n, -1, *size)
+
+
+DIRECT_CONVS = [
+    dict(c=3, o=4, k=3, stride=1, padding=1, dilation=1, groups=1),
+    dict(c=6, o=4, k=5, stride=2, padding=2, dilation=1, groups=2),
+    dict(c=4, o=4, k=3, stride=1, padding=2, dilation=2, groups=4),
+    dict(c=2, o=3, k=1, stride=1, padding=0, dilation=1, groups=1),
+]
+
+
+def _conv_args(g: dict) -> dict:
+    return {
+        "stride": (g["stride"],) * 2,
+        "padding": (g["padding"],) * 2,
+        "dilation": (g["dilation"],) * 2,
+        "groups": g["groups"],
+    }
+
+
+@pytest.mark.parametrize("geometry", DIRECT_CONVS, ids=str)
+@pytest.mark.parametrize("length", [16, 32, 64, 256])
+def test_sc_conv2d_equals_sc_matmul_on_patches(geometry: dict, length: int) -> None:
+    c, o, k, groups = geometry["c"], geometry["o"], geometry["k"], geometry["groups"]
+    x = _rand(0, length, (2, c, 7, 6), 11)
+    x[x < length // 2] = 0  # zero inputs take the kernel's skip path
+    w_pos = _rand(0, length // 4, (o, c // groups, k, k), 12)
+    w_neg = _rand(0, length // 4, (o, c // groups, k, k), 13)
+    rules = {"phase_a": (1, 0), "phase_b": (3, 1)}
+    out = cpu.sc_conv2d(x, w_pos, w_neg, length, **rules, **_conv_args(geometry))
+    rows, size = _per_group_patches(
+        x, (k, k), groups, geometry["stride"], geometry["padding"], geometry["dilation"]
+    )
+    og = o // groups
+    diffs = []
+    for g in range(groups):
+        counts = torch_ref.sc_matmul(
+            rows[g],
+            w_pos[g * og : (g + 1) * og].reshape(og, -1),
+            w_neg[g * og : (g + 1) * og].reshape(og, -1),
+            length,
+            **rules,
+        )
+        diffs.append(counts[..., 0] - counts[..., 1])
+    assert torch.equal(out.long(), _fold(diffs, 2, size))
+
+
+@pytest.mark.parametrize("geometry", DIRECT_CONVS, ids=str)
+@pytest.mark.parametrize(("array_size", "adc_bits"), [(1, 4), (9, 4), (7, 8), (400, 16)])
+def test_analog_conv2d_equals_analog_matmul_on_patches(
+    geometry: dict, array_size: int, adc_bits: int
+) -> None:
+    c, o, k, groups = geometry["c"], geometry["o"], geometry["k"], geometry["groups"]
+    x = _rand(0, 255, (2, c, 7, 6), 14)
+    x[x < 100] = 0
+    w = _rand(-127, 127, (o, c // groups, k, k), 15)
+    adc_max = 20_000
+    out = cpu.analog_conv2d(x, w, array_size, adc_bits, adc_max, **_conv_args(geometry))
+    rows, size = _per_group_patches(
+        x, (k, k), groups, geometry["stride"], geometry["padding"], geometry["dilation"]
+    )
+    og = o // groups
+    parts = [
+        torch_ref.analog_matmul(
+            rows[g], w[g * og : (g + 1) * og].reshape(og, -1), array_size, adc_bits, adc_max
+        )
+        for g in range(groups)
+    ]
+    assert torch.equal(out, _fold(parts, 2, size))

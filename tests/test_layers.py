@@ -41,10 +41,11 @@ def test_conv_geometry_with_exact_table_equals_integer_conv(geometry: dict, tabl
     x = torch.randn(2, geometry["in_channels"], 9, 8)
     layer = _convert_one(conv, "am", x, lut=table)
     q = layer.target.quantize(layer, x)
+    ints = layer.target.integer_operands(q)
     exact = layer.target.exact(layer, q)
     reference = F.conv2d(
-        F.pad(q["a"], conv._reversed_padding_repeated_twice, mode=_pad_mode(conv)),
-        q["w"],
+        F.pad(ints["a"].double(), conv._reversed_padding_repeated_twice, mode=_pad_mode(conv)),
+        ints["w"].double(),
         None,
         conv.stride,
         0,
@@ -52,7 +53,7 @@ def test_conv_geometry_with_exact_table_equals_integer_conv(geometry: dict, tabl
         conv.groups,
     )
     assert exact.shape == conv(x).shape
-    assert torch.equal(exact, reference)
+    assert torch.equal(exact.double(), reference)
 
 
 def _pad_mode(conv: nn.Conv2d) -> str:
@@ -67,12 +68,13 @@ def test_analog_without_quantization_loss_equals_integer_conv(geometry: dict) ->
     layer = _convert_one(conv, "analog", x, adc_bits=16, array_size=2)
     layer.adc_max.fill_(65535)
     q = layer.target.quantize(layer, x)
-    reference = layer.accumulate(q["a"], q["w"])
-    assert torch.equal(layer.target.exact(layer, q), reference)
+    ints = layer.target.integer_operands(q)
+    reference = layer.accumulate(ints["a"].double(), ints["w"].double())
+    assert torch.equal(layer.target.exact(layer, q).double(), reference)
 
 
 def _unfold_rows(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    cols = F.unfold(x.double(), conv.kernel_size, conv.dilation, conv.padding, conv.stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1]).to(torch.int64)
 
 
@@ -85,8 +87,9 @@ def test_sc_conv_signed_input_follows_the_spec_concatenation() -> None:
     layer = _convert_one(conv, "sc", x)
     assert bool(layer.input_signed)
     q = layer.target.quantize(layer, x)
-    a = torch.cat([_unfold_rows(q["a"], conv), _unfold_rows(q["a_neg"], conv)], 1)
-    w_pos, w_neg = q["w_pos"].flatten(1).long(), q["w_neg"].flatten(1).long()
+    ints = layer.target.integer_operands(q)
+    a = torch.cat([_unfold_rows(ints["a"], conv), _unfold_rows(ints["a_neg"], conv)], 1)
+    w_pos, w_neg = ints["w_pos"].flatten(1), ints["w_neg"].flatten(1)
     counts = sc_matmul(a, torch.cat([w_pos, w_neg], 1), torch.cat([w_neg, w_pos], 1), 32)
     value = (counts[..., 0] - counts[..., 1]).float() / 32  # (N*H*W, O)
     expected = value.view(2, 25, 3).permute(0, 2, 1).reshape(2, 3, 5, 5)
@@ -101,10 +104,11 @@ def test_analog_signed_input_is_two_passes_subtracted() -> None:
     x = torch.randn(6, 10)
     layer = _convert_one(lin, "analog", x, array_size=4)
     q = layer.target.quantize(layer, x)
+    ints = layer.target.integer_operands(q)
     adc_max = int(layer.adc_max)
-    b = q["w"].long()
-    codes = analog_matmul(q["a"].long(), b, 4, 4, adc_max) - analog_matmul(
-        q["a_neg"].long(), b, 4, 4, adc_max
+    b = ints["w"]
+    codes = analog_matmul(ints["a"], b, 4, 4, adc_max) - analog_matmul(
+        ints["a_neg"], b, 4, 4, adc_max
     )
     assert torch.equal(layer.target.exact(layer, q), codes.float() * (adc_max / 15))
 
@@ -134,7 +138,9 @@ def test_sc_proxy_is_the_spec_formula_and_gradcheck_passes() -> None:
     w_neg = torch.rand(3, 8, dtype=torch.float64) * 32
 
     def proxy(a: torch.Tensor, w_pos: torch.Tensor, w_neg: torch.Tensor) -> torch.Tensor:
-        return layer.target.proxy(layer, {"a": a, "w_pos": w_pos, "w_neg": w_neg})
+        """The layer's proxy in the normalized domain (outputs come scaled by s_x / g)."""
+        q = {"a": a, "a_step": torch.tensor(1.0), "w_pos": w_pos, "w_neg": w_neg}
+        return layer.target.proxy(layer, q) / layer.target.output_scale(layer, q)
 
     x_pos = (a / 32) @ (w_pos / 32).T
     x_neg = (a / 32) @ (w_neg / 32).T
@@ -153,7 +159,10 @@ def test_analog_proxy_is_the_hardtanh_pair_and_gradcheck_passes() -> None:
     w = torch.randn(3, 12, dtype=torch.float64) * 127
 
     def proxy(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return layer.target.proxy(layer, {"a": a, "w": w})
+        """The proxy in products: unit activation step and weight scale."""
+        q = {"a": a, "a_step": torch.tensor(1.0, dtype=a.dtype), "w": w,
+             "w_scale": torch.ones(3, dtype=a.dtype)}  # fmt: skip
+        return layer.target.proxy(layer, q)
 
     z_pos = a @ w.clamp(min=0).T
     z_neg = a @ (-w).clamp(min=0).T
@@ -171,7 +180,7 @@ def test_exact_mode_forward_is_exact_and_backward_is_the_proxy_gradient() -> Non
     q = layer.target.quantize(layer, x)
     assert torch.equal(y, layer.target.exact(layer, q) * layer.act_scale())
     (grad_exact,) = torch.autograd.grad(y.sum(), w)
-    proxy_out = layer.target.proxy(layer, layer.target.quantize(layer, x)) * layer.act_scale()
+    proxy_out = layer.target.proxy(layer, layer.target.quantize(layer, x))  # float units
     (grad_proxy,) = torch.autograd.grad(proxy_out.sum(), w)
     assert torch.equal(grad_exact, grad_proxy)
     assert grad_exact.abs().sum() > 0
@@ -212,6 +221,13 @@ def test_analog_adc_calibration_methods() -> None:
         choose_adc_max(p, 4, "percentile:0")
 
 
+def _proxy_in_accumulator_units(layer: nn.Module, q: dict) -> torch.Tensor:
+    """The proxy without bias and output scale: the domain of exact() and the error models."""
+    y = layer.target.proxy(layer, q).detach()
+    bias = 0 if layer.bias is None else layer.per_channel(layer.bias.detach())
+    return (y - bias) / layer.per_channel(layer.target.output_scale(layer, q))
+
+
 @pytest.mark.parametrize("target", ["sc", "am"])
 def test_type1_injection_reproduces_the_binned_exact_error(target: str) -> None:
     """Inject-mode error statistics match exact-mode errors on the calibration data (SPEC 4)."""
@@ -223,7 +239,7 @@ def test_type1_injection_reproduces_the_binned_exact_error(target: str) -> None:
     approxctl.fit_error_model(model, [x])
     layer = model[0]
     q = layer.target.quantize(layer, x)
-    v = layer.target.proxy(layer, q).detach()
+    v = _proxy_in_accumulator_units(layer, q)
     err = layer.target.exact(layer, q) - v
     lo, hi = layer.error_model.domain.tolist()
     edges = torch.linspace(lo, hi, 6)
@@ -248,7 +264,7 @@ def test_type2_injection_has_the_exact_error_mean_and_std() -> None:
     approxctl.fit_error_model(model, [x])
     layer = model[0]
     q = layer.target.quantize(layer, x)
-    proxy = layer.target.proxy(layer, q).detach()
+    proxy = _proxy_in_accumulator_units(layer, q)
     err = (layer.target.exact(layer, q) - proxy).double()
     assert float(layer.error_model.mean) == pytest.approx(float(err.mean()), rel=1e-6)
     assert float(layer.error_model.std) == pytest.approx(float(err.std(unbiased=False)), rel=1e-6)
@@ -278,3 +294,25 @@ def test_conv_layer_keeps_the_float_interface() -> None:
     assert isinstance(layer, ApproxConv2d) and isinstance(layer, nn.Conv2d)
     assert layer.weight is conv.weight or torch.equal(layer.weight, conv.weight)
     assert {"weight", "bias"} <= set(dict(layer.named_parameters()))
+
+
+@pytest.mark.parametrize("target", ["sc", "am", "analog"])
+@pytest.mark.parametrize("mode", ["exact", "inject"])
+def test_bias_is_added_once_and_gets_the_plain_gradient(target: str, mode: str) -> None:
+    lin = nn.Linear(12, 4)
+    with torch.no_grad():
+        lin.weight.mul_(0.3)
+        lin.bias.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    x = torch.randn(32, 12)
+    model = approxctl.convert(nn.Sequential(lin), target, example_inputs=x)
+    approxctl.fit_error_model(model, [x])
+    layer = model[0]
+    layer.set_mode(mode)
+    out = layer(x)
+    if mode == "exact":
+        q = layer.target.quantize(layer, x)
+        scale = layer.target.output_scale(layer, q)
+        assert torch.equal(out, layer.target.exact(layer, q) * scale + layer.bias.detach())
+    upstream = torch.randn_like(out)
+    (bias_grad,) = torch.autograd.grad((out * upstream).sum(), layer.bias)
+    assert torch.allclose(bias_grad, upstream.sum(0))

@@ -139,3 +139,90 @@ def lut_matmul(
 
 
 lut_conv2d = lowrank.lut_conv2d
+
+
+def _output_size(size: int, kernel: int, stride: int, dilation: int) -> int:
+    return (size - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _padded(x: torch.Tensor, padding: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    xp = torch.nn.functional.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    return np.ascontiguousarray(xp.numpy().astype(dtype))
+
+
+def _geometry(
+    w: torch.Tensor, stride: tuple[int, int], dilation: tuple[int, int], groups: int
+) -> np.ndarray:
+    kh, kw = w.shape[2:]
+    return np.array([kh, kw, stride[0], stride[1], dilation[0], dilation[1], groups], np.int64)
+
+
+def sc_conv2d(
+    x: torch.Tensor,
+    b_pos: torch.Tensor,
+    b_neg: torch.Tensor,
+    length: int,
+    *,
+    phase_a: tuple[int, int],
+    phase_b: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> torch.Tensor:
+    """SC convolution, equal to ``sc_matmul`` on im2col patches per group: int32
+    ``ones(pos) - ones(neg)`` of shape (N, O, OH, OW). x: (N, C, H, W) stream values."""
+    o, cg, kh, kw = b_pos.shape
+    k = cg * kh * kw
+    dtype = _word_dtype(length)
+    table_a = _packed_stream_table(length, "a", dtype)
+    table_b = _packed_stream_table(length, "b", dtype)
+    pa = streams.phases(k, length, phase_a).numpy()
+    pb = streams.phases(k, length, phase_b).numpy()
+
+    def weight_streams(b: torch.Tensor) -> np.ndarray:
+        values = b.reshape(groups, o // groups, k).numpy().astype(np.int64)
+        packed = table_b[pb[None, None, :], values, :]  # (G, O_g, K_g, W)
+        return np.ascontiguousarray(packed.transpose(0, 2, 3, 1))
+
+    xp = _padded(x, padding, np.dtype(np.uint16 if length >= 256 else np.uint8))
+    out_h = _output_size(xp.shape[2], kh, stride[0], dilation[0])
+    out_w = _output_size(xp.shape[3], kw, stride[1], dilation[1])
+    out = np.empty((x.shape[0], o, out_h, out_w), dtype=np.int32)
+    if out.size:
+        cpu_kernels.sc_conv2d(
+            xp, pa, table_a, weight_streams(b_pos), weight_streams(b_neg),
+            _geometry(b_pos, stride, dilation, groups), out,
+        )  # fmt: skip
+    return torch.from_numpy(out)
+
+
+def analog_conv2d(
+    x: torch.Tensor,
+    b: torch.Tensor,
+    array_size: int,
+    adc_bits: int,
+    adc_max: int,
+    *,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> torch.Tensor:
+    """Analog convolution, equal to ``analog_matmul`` on im2col patches per group: int64
+    ADC code sums of shape (N, O, OH, OW). x: (N, C, H, W) in [0, 255]."""
+    o, cg, kh, kw = b.shape
+    acc = np.int32 if 255 * 127 * array_size <= INT32_SAFE else np.int64
+    values = b.reshape(groups, o // groups, cg * kh * kw).numpy()
+    b_pos = np.ascontiguousarray(np.maximum(values, 0).transpose(0, 2, 1).astype(acc))
+    b_neg = np.ascontiguousarray(np.maximum(-values, 0).transpose(0, 2, 1).astype(acc))
+    xp = _padded(x, padding, np.dtype(acc))
+    out_h = _output_size(xp.shape[2], kh, stride[0], dilation[0])
+    out_w = _output_size(xp.shape[3], kw, stride[1], dilation[1])
+    out = np.empty((x.shape[0], o, out_h, out_w), dtype=np.int64)
+    if out.size:
+        cpu_kernels.analog_conv2d(
+            xp, b_pos, b_neg, array_size, (1 << adc_bits) - 1, adc_max,
+            _geometry(b, stride, dilation, groups), out,
+        )  # fmt: skip
+    return torch.from_numpy(out)

@@ -109,3 +109,200 @@ def lut_gather(a, b, table, skip_row, out):  # type: ignore[no-untyped-def]
             for o in range(outs):
                 acc[o] += table[row, b[k, o]]
         out[r, :] = acc
+
+
+@numba.njit(inline="always")
+def _splitmix64(x: np.uint64) -> np.uint64:
+    """SplitMix64's output function: a fast, well-mixed 64-bit counter hash."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@numba.njit(inline="always")
+def _hash32(x: np.uint64) -> np.uint64:
+    """Chris Wellons' lowbias32 integer hash of the low 32 bits of x (result < 2^32).
+
+    numba widens uint32 arithmetic to 64 bits, so every product is masked back explicitly;
+    32x32-bit products of masked values still vectorize (pmuludq).
+    """
+    mask = np.uint64(0xFFFFFFFF)
+    x = x & mask
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(0x7FEB352D)) & mask
+    x ^= x >> np.uint64(15)
+    x = (x * np.uint64(0x846CA68B)) & mask
+    x ^= x >> np.uint64(16)
+    return x
+
+
+NOISE_BLOCK = 2048
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
+def add_poly_noise(y, mu_coef, sigma_coef, lo, hi, seed, normal_table, scale, bias, inner, out):  # type: ignore[no-untyped-def]
+    """Inject the type-1/2 error into float outputs ``y`` (flat, channel-major segments).
+
+    Element i of segment s (``inner`` elements, channel c = s mod channels) has accumulator
+    value v = (y - bias[c]) / scale[c]; with t = clamp(v, lo, hi) mapped to [-1, 1],
+    out = y + (mu(t) + max(sigma(t), 0) * eps) * scale[c].
+    eps is an inverse-CDF sample: 16 bits of a counter-based hash (splitmix64) of (seed, i // 4)
+    pick one of the 2^16 equiprobable quantiles in ``normal_table``, so the result does not
+    depend on threading.
+    Coefficients are lowest order first (float32). Blocks keep the element loop innermost,
+    which the compiler vectorizes.
+    """
+    n = y.shape[0]
+    channels = scale.shape[0]
+    mid = np.float32(0.5 * (lo + hi))
+    inv_half = np.float32(2.0 / (hi - lo))
+    lo32, hi32 = np.float32(lo), np.float32(hi)
+    deg_mu = mu_coef.shape[0] - 1
+    deg_sigma = sigma_coef.shape[0] - 1
+    key = _splitmix64(np.uint64(seed))
+    mask = np.uint64(normal_table.shape[0] - 1)  # the table size is a power of two <= 2^16
+    segments = n // inner
+    per_task = max(1, NOISE_BLOCK // inner)  # segments handled by one parallel task
+    tasks = (segments + per_task - 1) // per_task
+    for task in numba.prange(tasks):
+        t = np.empty(NOISE_BLOCK, dtype=np.float32)
+        mu = np.empty(NOISE_BLOCK, dtype=np.float32)
+        sd = np.empty(NOISE_BLOCK, dtype=np.float32)
+        index = np.empty(NOISE_BLOCK, dtype=np.int64)
+        for seg in range(task * per_task, min(segments, task * per_task + per_task)):
+            c = seg % channels
+            s_c, b_c = scale[c], bias[c]
+            inv_s = np.float32(1.0) / s_c
+            for start in range(seg * inner, seg * inner + inner, NOISE_BLOCK):
+                m = min(seg * inner + inner, start + NOISE_BLOCK) - start
+                for i in range(m):
+                    v = (y[start + i] - b_c) * inv_s
+                    t[i] = (min(max(v, lo32), hi32) - mid) * inv_half
+                    mu[i] = mu_coef[deg_mu]
+                    sd[i] = sigma_coef[deg_sigma]
+                for j in range(deg_mu - 1, -1, -1):
+                    coef = mu_coef[j]
+                    for i in range(m):
+                        mu[i] = mu[i] * t[i] + coef
+                for j in range(deg_sigma - 1, -1, -1):
+                    coef = sigma_coef[j]
+                    for i in range(m):
+                        sd[i] = sd[i] * t[i] + coef
+                # One 64-bit hash gives the quantile indices (16-bit fields) of 4 elements; the
+                # hash input is the global group number, so blocks and threads cannot matter.
+                first = start >> 2
+                for j in range(((start + m - 1) >> 2) - first + 1):
+                    word = _splitmix64(key ^ np.uint64(first + j))
+                    for r in range(4):
+                        slot = 4 * j + r - (start & 3)
+                        if 0 <= slot < m:
+                            index[slot] = np.int64((word >> np.uint64(16 * r)) & mask)
+                for i in range(m):
+                    err = mu[i] + max(sd[i], np.float32(0.0)) * normal_table[index[i]]
+                    out[start + i] = y[start + i] + err * s_c
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def sc_conv2d(x, phase_a, table_a, b_pos, b_neg, geometry, out):  # type: ignore[no-untyped-def]
+    """Direct SC convolution: ``sc_or_and`` on every output position without im2col.
+
+    x: (N, C, H, W) uint8 stream values, already zero-padded; b_pos, b_neg: (G, K_g, W, O_g)
+    packed weight streams with K_g ordered (channel, kh, kw) within the group, as im2col
+    orders it; phase_a: (K_g,); geometry: (kh, kw, stride_h, stride_w, dil_h, dil_w, groups);
+    out: (N, O, OH, OW) int32 = ones(positive stream) - ones(negative stream).
+    """
+    n_batch, channels, _, _ = x.shape
+    kh, kw, sh, sw, dh, dw, groups = geometry
+    oh_size, ow_size = out.shape[2], out.shape[3]
+    words = table_a.shape[2]
+    og = b_pos.shape[3]
+    cg = channels // groups
+    for row in numba.prange(n_batch * oh_size):
+        n = row // oh_size
+        oh = row % oh_size
+        acc_p = np.zeros((words, og), dtype=table_a.dtype)
+        acc_n = np.zeros((words, og), dtype=table_a.dtype)
+        for ow in range(ow_size):
+            for g in range(groups):
+                acc_p[:, :] = 0
+                acc_n[:, :] = 0
+                k = 0
+                for c in range(cg):
+                    for i in range(kh):
+                        for j in range(kw):
+                            value = x[n, g * cg + c, oh * sh + i * dh, ow * sw + j * dw]
+                            if value != 0:
+                                for w in range(words):
+                                    word = table_a[phase_a[k], value, w]
+                                    for o in range(og):
+                                        acc_p[w, o] |= word & b_pos[g, k, w, o]
+                                        acc_n[w, o] |= word & b_neg[g, k, w, o]
+                            k += 1
+                for o in range(og):
+                    ones = 0
+                    for w in range(words):
+                        ones += _popcount64(np.uint64(acc_p[w, o]))
+                        ones -= _popcount64(np.uint64(acc_n[w, o]))
+                    out[n, g * og + o, oh, ow] = ones
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def analog_conv2d(x, b_pos, b_neg, array_size, levels, adc_max, geometry, out):  # type: ignore[no-untyped-def]
+    """Direct analog convolution: ``analog_adc`` on every output position without im2col.
+
+    x: (N, C, H, W) non-negative ints of the accumulator dtype, already zero-padded;
+    b_pos, b_neg: (G, K_g, O_g) of the same dtype, K_g ordered (channel, kh, kw); arrays are
+    consecutive runs of ``array_size`` along K_g; out: (N, O, OH, OW) int64 code sums.
+    """
+    n_batch, channels, _, _ = x.shape
+    kh, kw, sh, sw, dh, dw, groups = geometry
+    oh_size, ow_size = out.shape[2], out.shape[3]
+    og = b_pos.shape[2]
+    cg = channels // groups
+    two_max = 2.0 * adc_max
+    for row in numba.prange(n_batch * oh_size):
+        n = row // oh_size
+        oh = row % oh_size
+        total = np.zeros(og, dtype=np.int64)
+        p_pos = np.zeros(og, dtype=b_pos.dtype)
+        p_neg = np.zeros(og, dtype=b_pos.dtype)
+        for ow in range(ow_size):
+            for g in range(groups):
+                total[:] = 0
+                p_pos[:] = 0
+                p_neg[:] = 0
+                k = 0
+                filled = 0  # inputs in the current array so far
+                used = False  # any non-zero input in the current array
+                for c in range(cg):
+                    for i in range(kh):
+                        for j in range(kw):
+                            value = x[n, g * cg + c, oh * sh + i * dh, ow * sw + j * dw]
+                            if value != 0:
+                                used = True
+                                for o in range(og):
+                                    p_pos[o] += value * b_pos[g, k, o]
+                                    p_neg[o] += value * b_neg[g, k, o]
+                            k += 1
+                            filled += 1
+                            if filled == array_size:  # the array is full: convert, restart
+                                if used:
+                                    _adc_accumulate(p_pos, p_neg, levels, adc_max, two_max, total)
+                                    p_pos[:] = 0
+                                    p_neg[:] = 0
+                                filled = 0
+                                used = False
+                if used:  # a shorter last array
+                    _adc_accumulate(p_pos, p_neg, levels, adc_max, two_max, total)
+                for o in range(og):
+                    out[n, g * og + o, oh, ow] = total[o]
+
+
+@numba.njit(inline="always")
+def _adc_accumulate(p_pos, p_neg, levels, adc_max, two_max, total):  # type: ignore[no-untyped-def]
+    """total += ADC(p_pos) - ADC(p_neg), the SPEC 3.3 code in exact float64 arithmetic."""
+    for o in range(total.shape[0]):
+        q_pos = np.floor((2.0 * levels * p_pos[o] + adc_max) / two_max)
+        q_neg = np.floor((2.0 * levels * p_neg[o] + adc_max) / two_max)
+        total[o] += np.int64(min(q_pos, levels)) - np.int64(min(q_neg, levels))

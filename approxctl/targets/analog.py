@@ -18,6 +18,7 @@ import torch
 from approxctl.backends import registry, torch_ref
 from approxctl.errors import ApproxError
 from approxctl.functional import validate_analog_params
+from approxctl.proxy_ops import fake_quant, hardtanh_pair
 from approxctl.targets.base import Target, TargetConfig, ste_round
 
 if TYPE_CHECKING:
@@ -116,16 +117,15 @@ class AnalogTarget(Target):
     def quantize(self, layer: ApproxLayer, x: torch.Tensor) -> dict[str, torch.Tensor]:
         w = layer.weight
         w_scale = w.detach().abs().flatten(1).amax(dim=1).clamp(min=1e-12) / 127
-        xn = x / layer.act_scale()
+        step = float(layer.act_scale()) / 255
         q = {
-            "a": ste_round(xn.clamp(0, 1) * 255),
-            "w": ste_round(
-                w / w_scale.view(-1, *([1] * (w.dim() - 1)))
-            ),  # in range, see approx_mult
+            "a": fake_quant(x, step, 0, 255),
+            "a_step": torch.tensor(step),
+            "w": ste_round(w / w_scale.view(-1, *([1] * (w.dim() - 1)))),  # see approx_mult
             "w_scale": w_scale,
         }
         if bool(layer.input_signed):
-            q["a_neg"] = ste_round((-xn).clamp(0, 1) * 255)
+            q["a_neg"] = fake_quant(-x, step, 0, 255)
         return q
 
     def _clamp_t(self, layer: ApproxLayer) -> float:
@@ -136,49 +136,61 @@ class AnalogTarget(Target):
     def proxy(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
         """Analog_act = HardTanh pair on the positive- and negative-weight accumulations."""
         t = self._clamp_t(layer)
-        w_pos, w_neg = q["w"].clamp(min=0), (-q["w"]).clamp(min=0)
+        w = q["w"] / q["a_step"]  # activations arrive as q_a * step: sums come in products
+        w_pos, w_neg = w.clamp(min=0), (-w).clamp(min=0)
+        scale = layer.per_channel(self.output_scale(layer, q))
 
-        def act(a: torch.Tensor) -> torch.Tensor:
-            z_pos, z_neg = layer.accumulate_pair(a, w_pos, w_neg)
-            return z_pos.clamp(0, t) - z_neg.clamp(0, t)
+        def act(a: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            z_pos, z_neg = layer.accumulate(a, w_pos), layer.accumulate(a, w_neg)
+            return hardtanh_pair(z_pos, z_neg, t, scale, bias)
 
-        out = act(q["a"])
-        if "a_neg" in q:
-            out = out - act(q["a_neg"])
+        out = act(q["a"], None if layer.bias is None else layer.per_channel(layer.bias))
+        if "a_neg" in q:  # negative inputs: the same array pass on x-, subtracted
+            out = out - act(q["a_neg"], None)
         return out
 
     def exact(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
         adc_max = int(layer.adc_max)
-        b = layer.weight_matrix(q["w"].detach()).to(torch.int64)
+        ints = self.integer_operands(q)
+        b = layer.weight_matrix(ints["w"])
         backend = registry.get(self.config.backend, b.device)
         bits, size = self.config.adc_bits, layer.array_size
+        conv = getattr(backend, "analog_conv2d", None)
+        if conv is not None and hasattr(layer, "conv_geometry"):  # direct conv, no im2col
+            codes = None
+            for key in ("a", "a_neg"):
+                if key in ints:
+                    x, geometry = layer.conv_geometry(ints[key])
+                    part = conv(x, ints["w"], size, bits, adc_max, **geometry)
+                    codes = part if codes is None else codes - part
+            assert codes is not None
+            return codes.to(torch.float32) * (adc_max / self.levels)
 
         def op(a_g: torch.Tensor, b_g: torch.Tensor) -> torch.Tensor:
             return backend.analog_matmul(a_g, b_g, size, bits, adc_max).to(torch.float32)
 
-        codes = layer.integer_gemm(op, layer.patches(q["a"].detach()).to(torch.int64), b)
-        if "a_neg" in q:  # negative inputs run as a second pass and are subtracted (SPEC 3.3)
-            neg = layer.patches(q["a_neg"].detach()).to(torch.int64)
-            codes = codes - layer.integer_gemm(op, neg, b)
+        codes = layer.integer_gemm(op, layer.patches(ints["a"]), b)
+        if "a_neg" in ints:  # negative inputs run as a second pass and are subtracted (SPEC 3.3)
+            codes = codes - layer.integer_gemm(op, layer.patches(ints["a_neg"]), b)
         return layer.fold(codes, q["a"]) * (adc_max / self.levels)
 
     def output_scale(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
-        return q["w_scale"] * (layer.act_scale() / 255)
+        return q["w_scale"] * q["a_step"]
 
     # ------------------------------------------------------- ADC calibration
     @torch.no_grad()
     def observe_adc(self, layer: ApproxLayer, x: torch.Tensor) -> None:
         """Record a sample of the layer's array partial sums (both weight signs)."""
-        q = self.quantize(layer, x)
-        b = layer.weight_matrix(q["w"]).to(torch.float64)
+        ints = self.integer_operands(self.quantize(layer, x))
+        b = layer.weight_matrix(ints["w"]).to(torch.float64)
         size = layer.array_size
         arrays = self.arrays(layer)
         pad = arrays * size - b.shape[-1]
         b = torch.nn.functional.pad(b, (0, pad)).view(*b.shape[:2], arrays, size)
         for key in ("a", "a_neg"):
-            if key not in q:
+            if key not in ints:
                 continue
-            rows = layer.patches(q[key]).to(torch.float64)
+            rows = layer.patches(ints[key]).to(torch.float64)
             if rows.shape[1] > ADC_SAMPLE_ROWS:  # an even spread of rows keeps this cheap
                 rows = rows[:, :: rows.shape[1] // ADC_SAMPLE_ROWS]
             rows = torch.nn.functional.pad(rows, (0, pad)).view(*rows.shape[:2], arrays, size)

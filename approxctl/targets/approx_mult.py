@@ -16,6 +16,7 @@ import torch
 
 from approxctl import luts
 from approxctl.backends import registry
+from approxctl.proxy_ops import fake_quant
 from approxctl.targets.base import Target, TargetConfig, ste_round
 
 if TYPE_CHECKING:
@@ -63,8 +64,10 @@ class ApproxMultTarget(Target):
         qmax = self.qmax
         w = layer.weight
         w_scale = w.detach().abs().flatten(1).amax(dim=1).clamp(min=1e-12) / qmax
+        step = float(layer.act_scale()) / qmax
         return {
-            "a": ste_round((x * (qmax / layer.act_scale())).clamp(-qmax, qmax)),
+            "a": fake_quant(x, step, -qmax, qmax),
+            "a_step": torch.tensor(step),
             # No clamp: |w| / w_scale <= qmax by construction, and a clamp would block the
             # gradient of each channel's largest weight (float rounding can land just above qmax).
             "w": ste_round(w / w_scale.view(-1, *([1] * (w.dim() - 1)))),
@@ -72,19 +75,23 @@ class ApproxMultTarget(Target):
         }
 
     def proxy(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
-        return layer.accumulate(q["a"], q["w"])
+        """The plain accumulation of the quantized operands, in float units: the float layer
+        on fake-quantized activations (q_a * step) and weights (q_w * w_scale)."""
+        w = q["w"] * q["w_scale"].view(-1, *([1] * (q["w"].dim() - 1)))
+        return layer.accumulate(q["a"], w, layer.bias)
 
     def exact(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
-        backend = registry.get(self.config.backend, q["a"].device)
-        table = self.table_on(q["a"].device)
+        ints = self.integer_operands(q)
+        backend = registry.get(self.config.backend, ints["a"].device)
+        table = self.table_on(ints["a"].device)
         conv = getattr(backend, "lut_conv2d", None)
         if conv is not None and hasattr(layer, "conv_geometry"):  # skip im2col where possible
-            x, geometry = layer.conv_geometry(q["a"].detach())
-            out = conv(x, q["w"].detach(), table, self.signed, **geometry)
+            x, geometry = layer.conv_geometry(ints["a"])
+            out = conv(x, ints["w"], table, self.signed, **geometry)
             if out is not None:
                 return out.to(torch.float32)
-        a = layer.patches(q["a"].detach()).to(torch.int64)
-        b = layer.weight_matrix(q["w"].detach()).to(torch.int64)
+        a = layer.patches(ints["a"])
+        b = layer.weight_matrix(ints["w"])
 
         def op(a_g: torch.Tensor, b_g: torch.Tensor) -> torch.Tensor:
             return backend.lut_matmul(a_g, b_g, table, self.signed).to(torch.float32)
@@ -92,7 +99,7 @@ class ApproxMultTarget(Target):
         return layer.fold(layer.integer_gemm(op, a, b), q["a"])
 
     def output_scale(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
-        return q["w_scale"] * (layer.act_scale() / self.qmax)
+        return q["w_scale"] * q["a_step"]
 
     def describe(self, layer: ApproxLayer) -> dict[str, Any]:
         return {"lut": self.config.lut, "signed_table": self.signed, "qmax": self.qmax}

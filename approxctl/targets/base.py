@@ -115,6 +115,20 @@ class Target(ABC):
     def quantize(self, layer: ApproxLayer, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Integer operands (int64) and their straight-through float twins, by name."""
 
+    def integer_operands(self, q: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The int64 operands the hardware sees, from ``quantize``'s output (no gradient).
+
+        Activations come as ``q * a_step`` floats; weights as integer-valued floats.
+        """
+        step = q["a_step"]
+        ints = {}
+        for key, value in q.items():
+            if key in ("a", "a_neg"):
+                ints[key] = torch.round(value.detach() / step).to(torch.int64)
+            elif key.startswith("w") and key != "w_scale":
+                ints[key] = value.detach().to(torch.int64)
+        return ints
+
     @abstractmethod
     def proxy(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
         """The differentiable proxy of the layer's accumulation (accumulator domain)."""

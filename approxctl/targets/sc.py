@@ -17,6 +17,7 @@ import torch
 from approxctl import streams
 from approxctl.backends import registry
 from approxctl.errors import ApproxError
+from approxctl.proxy_ops import fake_quant, sc_activation
 from approxctl.targets.base import Target, TargetConfig, ste_round
 
 if TYPE_CHECKING:
@@ -51,39 +52,59 @@ class ScTarget(Target):
         self.config = config
 
     def quantize(self, layer: ApproxLayer, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Activations as ``q * step`` (q = round(clamp(x / s_x, 0, 1) L)), weights as q."""
         length, gain = self.config.length, self.config.gain
-        xn = x / layer.act_scale()
+        step = float(layer.act_scale()) / length
         q = {
-            "a": ste_round(xn.clamp(0, 1) * length),
+            "a": fake_quant(x, step, 0, length),
+            "a_step": torch.tensor(step),
             "w_pos": ste_round((gain * layer.weight).clamp(0, 1) * length),
             "w_neg": ste_round((-gain * layer.weight).clamp(0, 1) * length),
         }
         if bool(layer.input_signed):
-            q["a_neg"] = ste_round((-xn).clamp(0, 1) * length)
+            q["a_neg"] = fake_quant(-x, step, 0, length)
         return q
 
     def proxy(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
-        """SC_act = (1 - exp(-x_pos)) - (1 - exp(-x_neg)) on the normalized accumulations."""
-        inv = 1.0 / self.config.length
-        a = q["a"] * inv
-        w_pos, w_neg = q["w_pos"] * inv, q["w_neg"] * inv
-        x_pos, x_neg = layer.accumulate_pair(a, w_pos, w_neg)
+        """SC_act = (1 - exp(-x_pos)) - (1 - exp(-x_neg)) on the normalized accumulations.
+
+        x_pos = sum_k (q_a / L)(q_w+ / L); the activations arrive as q_a * step, so the weights
+        carry the remaining factor 1 / (L^2 step).
+        """
+        unit = 1.0 / (self.config.length**2 * float(q["a_step"]))
+        w_pos, w_neg = q["w_pos"] * unit, q["w_neg"] * unit
+        pos_terms, neg_terms = [(q["a"], w_pos)], [(q["a"], w_neg)]
         if (
             "a_neg" in q
         ):  # negative inputs: x- w- adds to the positive stream, x- w+ to the negative
-            n_pos, n_neg = layer.accumulate_pair(q["a_neg"] * inv, w_neg, w_pos)
-            x_pos, x_neg = x_pos + n_pos, x_neg + n_neg
-        return torch.exp(-x_neg) - torch.exp(-x_pos)
+            pos_terms.append((q["a_neg"], w_neg))
+            neg_terms.append((q["a_neg"], w_pos))
+        scale = layer.per_channel(self.output_scale(layer, q))
+        bias = None if layer.bias is None else layer.per_channel(layer.bias)
+        z_pos, z_neg = layer.accumulate_terms(pos_terms), layer.accumulate_terms(neg_terms)
+        return sc_activation(z_pos, z_neg, scale, bias)
 
     def exact(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
         cfg = self.config
-        a = layer.patches(q["a"].detach()).to(torch.int64)
-        b_pos = layer.weight_matrix(q["w_pos"].detach()).to(torch.int64)
-        b_neg = layer.weight_matrix(q["w_neg"].detach()).to(torch.int64)
-        if "a_neg" in q:  # SPEC 3.2: K is [x+, x-] with b_pos = [w+, w-], b_neg = [w-, w+]
-            a = torch.cat([a, layer.patches(q["a_neg"].detach()).to(torch.int64)], dim=-1)
+        ints = self.integer_operands(q)
+        backend = registry.get(cfg.backend, ints["a"].device)
+        conv = getattr(backend, "sc_conv2d", None)
+        if conv is not None and hasattr(layer, "conv_geometry"):  # direct conv, no im2col
+            parts, b_pos, b_neg = [ints["a"]], ints["w_pos"], ints["w_neg"]
+            if "a_neg" in ints:  # the same [x+, x-] concatenation, within each group
+                parts.append(ints["a_neg"])
+                b_pos, b_neg = torch.cat([b_pos, b_neg], 1), torch.cat([b_neg, b_pos], 1)
+            x, geometry = layer.conv_geometry(layer.group_concat(parts))
+            diff = conv(
+                x, b_pos, b_neg, cfg.length, phase_a=cfg.phase_a, phase_b=cfg.phase_b, **geometry
+            )
+            return diff.to(torch.float32) / cfg.length
+        a = layer.patches(ints["a"])
+        b_pos = layer.weight_matrix(ints["w_pos"])
+        b_neg = layer.weight_matrix(ints["w_neg"])
+        if "a_neg" in ints:  # SPEC 3.2: K is [x+, x-] with b_pos = [w+, w-], b_neg = [w-, w+]
+            a = torch.cat([a, layer.patches(ints["a_neg"])], dim=-1)
             b_pos, b_neg = torch.cat([b_pos, b_neg], -1), torch.cat([b_neg, b_pos], -1)
-        backend = registry.get(cfg.backend, a.device)
 
         def op(a_g: torch.Tensor, p_g: torch.Tensor, n_g: torch.Tensor) -> torch.Tensor:
             counts = backend.sc_matmul(
@@ -94,7 +115,7 @@ class ScTarget(Target):
         return layer.fold(layer.integer_gemm(op, a, b_pos, b_neg), q["a"])
 
     def output_scale(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
-        return layer.act_scale() / self.config.gain
+        return (layer.act_scale() / self.config.gain).detach()
 
     def describe(self, layer: ApproxLayer) -> dict[str, Any]:
         return {"length": self.config.length, "gain": self.config.gain}
