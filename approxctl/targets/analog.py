@@ -28,6 +28,7 @@ LINEAR_ARRAY_SIZE = 64
 # Partial-sum samples kept per layer and batch for choosing adc_max.
 ADC_SAMPLE_ROWS = 2048
 MSE_CANDIDATES = 256
+FIT_SAMPLES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -74,15 +75,18 @@ def choose_adc_max(partial_sums: torch.Tensor, adc_bits: int, method: str) -> in
     top = int(p.max())
     if kind == "max":
         return top
+    # An even spread of at most FIT_SAMPLES partial sums is plenty for a quantile or an MSE.
+    p = p[:: max(1, p.numel() // FIT_SAMPLES)]
     if kind == "percentile":
         return max(1, math.ceil(float(torch.quantile(p.double(), pct / 100))))
     levels = (1 << adc_bits) - 1
     candidates = torch.unique(torch.linspace(1, top, MSE_CANDIDATES).round().to(torch.int64))
+    values, counts = torch.unique(p, return_counts=True)  # partial sums repeat a lot
+    weights = counts.double()
     best, best_err = top, float("inf")
-    pf = p.double()
     for c in candidates.tolist():
-        deq = torch_ref.adc_code(p, adc_bits, c).double() * (c / levels)
-        err = float(((pf - deq) ** 2).mean())
+        deq = torch_ref.adc_code(values, adc_bits, c).double() * (c / levels)
+        err = float((weights * (values.double() - deq) ** 2).sum())
         if err < best_err:
             best, best_err = c, err
     return best
