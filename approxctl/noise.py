@@ -15,6 +15,7 @@ tails cut at 4.3 sigma (probability 2e-5). On other devices: torch.randn and tor
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -43,11 +44,12 @@ def horner(coef: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@dataclass(frozen=True)
 class ChannelLayout:
-    """How per-channel ``scale``/``bias`` vectors of length C map onto a contiguous output."""
+    """How per-channel ``scale``/``bias`` vectors map onto a contiguous output."""
 
-    def __init__(self, channels: int, inner: int) -> None:
-        self.channels, self.inner = channels, inner  # inner: elements per (sample, channel)
+    channels: int
+    inner: int  # elements per (sample, channel): H*W for a conv, 1 for a linear layer
 
 
 def _error_torch(

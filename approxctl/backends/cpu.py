@@ -4,8 +4,8 @@
 * ``analog_matmul``: integer partial sums per array with the ADC applied in registers.
 * ``lut_matmul``: for tables with an exact integer factorization (``luts.factor``), ``r`` float32
   GEMMs over K-chunks small enough that float32 sums stay exact; otherwise a gather kernel.
-* ``lut_conv2d`` / ``sc``-free convolution helpers let layers skip im2col where a convolution
-  does the same work (see ``approxctl.backends.lowrank``).
+* ``sc_conv2d``, ``analog_conv2d``, ``lut_conv2d``: the same ops as convolutions, run directly
+  on the input (no im2col); layers use them when the backend offers them.
 """
 
 from __future__ import annotations
@@ -47,6 +47,19 @@ def _word_dtype(length: int) -> str:
     return "uint32" if length <= 32 else "uint64"
 
 
+def _stream_tables(
+    length: int, k: int, phase_a: tuple[int, int], phase_b: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Packed (phase, value) stream tables and the phases of K reduction indices, A then B."""
+    dtype = _word_dtype(length)
+    return (
+        _packed_stream_table(length, "a", dtype),
+        streams.phases(k, length, phase_a).numpy(),
+        _packed_stream_table(length, "b", dtype),
+        streams.phases(k, length, phase_b).numpy(),
+    )
+
+
 def sc_matmul(
     a: torch.Tensor,
     b_pos: torch.Tensor,
@@ -58,11 +71,7 @@ def sc_matmul(
 ) -> torch.Tensor:
     n, k = a.shape
     o = b_pos.shape[0]
-    dtype = _word_dtype(length)
-    table_a = _packed_stream_table(length, "a", dtype)
-    table_b = _packed_stream_table(length, "b", dtype)
-    pa = streams.phases(k, length, phase_a).numpy()
-    pb = streams.phases(k, length, phase_b).numpy()
+    table_a, pa, table_b, pb = _stream_tables(length, k, phase_a, phase_b)
 
     def weight_streams(b: torch.Tensor) -> np.ndarray:
         # (K, W, O): the packed stream of each weight, laid out for the kernel's inner loop.
@@ -174,11 +183,7 @@ def sc_conv2d(
     ``ones(pos) - ones(neg)`` of shape (N, O, OH, OW). x: (N, C, H, W) stream values."""
     o, cg, kh, kw = b_pos.shape
     k = cg * kh * kw
-    dtype = _word_dtype(length)
-    table_a = _packed_stream_table(length, "a", dtype)
-    table_b = _packed_stream_table(length, "b", dtype)
-    pa = streams.phases(k, length, phase_a).numpy()
-    pb = streams.phases(k, length, phase_b).numpy()
+    table_a, pa, table_b, pb = _stream_tables(length, k, phase_a, phase_b)
 
     def weight_streams(b: torch.Tensor) -> np.ndarray:
         values = b.reshape(groups, o // groups, k).numpy().astype(np.int64)

@@ -5,8 +5,8 @@ a ``Target`` object that knows the hardware's arithmetic for one layer:
 
 * ``quantize``: float input and weight -> the integer operands the hardware sees, and the same
   values as differentiable floats (straight-through rounding) for the proxy;
-* ``proxy``: the paper's activation proxy (section 3.1) in the target's accumulator domain;
-* ``exact``: the bit-exact functional op (SPEC section 3) in the same domain, without gradient;
+* ``proxy``: the paper's activation proxy (section 3.1), as float outputs (scale and bias applied);
+* ``exact``: the bit-exact functional op (SPEC section 3) in the accumulator domain, no gradient;
 * ``output_scale``: the per-output-channel factor from the accumulator domain to float.
 
 The approximate layer (``approxctl.layers``) wires these into the three modes. Adding a target
@@ -131,15 +131,17 @@ class Target(ABC):
 
     @abstractmethod
     def proxy(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The differentiable proxy of the layer's accumulation (accumulator domain)."""
+        """The differentiable proxy of the layer's accumulation, as float outputs
+        ``proxy_acc * output_scale + bias``."""
 
     @abstractmethod
     def exact(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
         """The bit-exact hardware result in the accumulator domain (float tensor, no grad)."""
 
     @abstractmethod
-    def output_scale(self, layer: ApproxLayer) -> torch.Tensor:
-        """Factor (scalar or per output channel) from the accumulator domain to float outputs."""
+    def output_scale(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Factor (scalar or per output channel, no gradient) from the accumulator domain to
+        float outputs."""
 
     def observe_adc(self, layer: ApproxLayer, x: torch.Tensor) -> None:  # noqa: B027
         """Second calibration pass (only targets with ADCs need it)."""

@@ -48,9 +48,6 @@ class ScTarget(Target):
     error_kind = "poly"
     summary = "stochastic computing: LFSR bitstreams, AND multiply, OR accumulate"
 
-    def __init__(self, config: ScConfig) -> None:
-        self.config = config
-
     def quantize(self, layer: ApproxLayer, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Activations as ``q * step`` (q = round(clamp(x / s_x, 0, 1) L)), weights as q."""
         length, gain = self.config.length, self.config.gain
