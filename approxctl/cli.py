@@ -374,19 +374,22 @@ class _nullcontext:
 
 def _print_layers(rows: list[dict[str, Any]], target: str) -> None:
     table = Table(
-        title=f"{target}: per-layer settings and emulation error (exact - proxy, relative to the "
-        "output's std, on the calibration data)",
+        title=f"{target}: emulation error per layer (exact - proxy, in units of the output's "
+        "std, on calibration data)",
         title_justify="left",
     )
-    for col in ("layer", "kind", "weight", "input", "settings", "err mean", "err std"):
-        table.add_column(col, justify="right" if col.startswith("err") else "left")
+    table.add_column("layer", no_wrap=True)
+    table.add_column("weight", no_wrap=True)
+    table.add_column("input")
+    table.add_column("settings")
+    table.add_column("err mean", justify="right")
+    table.add_column("err std", justify="right")
     skip = {"name", "kind", "target", "shape", "act_absmax", "input_signed", "rel_err_mean",
-            "rel_err_std"}  # fmt: skip
+            "rel_err_std", "adc_calib"}  # fmt: skip
     for row in rows:
-        settings = ", ".join(f"{k}={v}" for k, v in row.items() if k not in skip)
+        settings = " ".join(f"{k}={v}" for k, v in row.items() if k not in skip)
         table.add_row(
             row["name"],
-            row["kind"].removeprefix("Approx"),
             "x".join(map(str, row["shape"])),
             f"{'±' if row['input_signed'] else '+'}{row['act_absmax']:.3g}",
             settings,
