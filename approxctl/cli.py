@@ -6,16 +6,26 @@ stderr and exit with status 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from approxctl.errors import ApproxError
@@ -284,6 +294,118 @@ def convert(
     if result.excluded:
         out.print(f"kept in float (--exclude): {', '.join(result.excluded)}")
     out.print(f"wrote {result.out}/model.safetensors and approx.json in {result.seconds:.1f} s")
+
+
+@app.command(name="eval")
+@user_errors
+def eval_command(
+    source: Annotated[
+        str, typer.Argument(help="A converted directory, or a model as for convert.")
+    ],
+    target: Annotated[
+        str | None, typer.Option("--target", "-t", help="Convert SOURCE for this target first.")
+    ] = None,
+    mode: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="exact, inject or float; repeatable [default: exact, or float without a target]."
+        ),
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option(help=".pt/.pth state dict or .safetensors.")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Glob on layer names to keep in float.")
+    ] = None,
+    data: Annotated[
+        str, typer.Option(help="Dataset (see convert); evaluated on its validation split.")
+    ] = "fashion-mnist",
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Write report.json and report.md here.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 256,
+    image_size: Annotated[int | None, typer.Option(help="Resize/pad images to this size.")] = None,
+    mean: Annotated[
+        str | None, typer.Option(help="Normalization mean, one value or one per channel.")
+    ] = None,
+    std: Annotated[
+        str | None, typer.Option(help="Normalization std, one value or one per channel.")
+    ] = None,
+    limit_train: Annotated[
+        int | None, typer.Option(help="Use the first N training samples (calibration).")
+    ] = None,
+    limit_val: Annotated[int | None, typer.Option(help="Evaluate on N validation samples.")] = None,
+    calib_batches: Annotated[
+        int, typer.Option(help="Batches for calibration when converting.")
+    ] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    trust_pickle: Annotated[
+        bool, typer.Option(help="Allow pickled full modules (runs code from the file).")
+    ] = False,
+    lut: Annotated[str | None, typer.Option(help="[approx-mult] multiplier.")] = None,
+    adc_bits: Annotated[int | None, typer.Option(help="[analog] ADC resolution.")] = None,
+    sc_length: Annotated[int | None, typer.Option(help="[sc] stream length.")] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Top-1/top-5 accuracy per mode, with per-layer emulation error (report.json/md)."""
+    from approxctl.pipeline import DataOptions, eval_source
+
+    options = {}
+    if target is not None:
+        flags = {"lut": lut, "adc_bits": adc_bits, "sc_length": sc_length}
+        options = target_options(target, flags, None)
+    elif any(v is not None for v in (lut, adc_bits, sc_length)):
+        raise ApproxError("target options need --target (a converted directory keeps its own)")
+    modes = mode or (["exact"] if target is not None or Path(source).is_dir() else ["float"])
+    data_options = DataOptions(
+        spec=data, batch_size=batch_size, image_size=image_size,
+        mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+        limit_train=limit_train, limit_val=limit_val,
+    )  # fmt: skip
+    with _progress(quiet or json_out) as progress:
+        doc = eval_source(
+            source, target, modes=modes, weights=weights, exclude=exclude or (),
+            data=data_options, out=out_dir, options=options, calib_batches=calib_batches,
+            device=device, trust_pickle=trust_pickle, progress=progress,
+        )  # fmt: skip
+    if json_out:
+        _print_json(doc)
+        return
+    table = Table(
+        title=f"{doc['model']} on {doc['target'] or 'float'}: {doc['data']['name']} validation",
+        title_justify="left",
+    )
+    for col in ("mode", "top-1", "top-5", "loss", "images"):
+        table.add_column(col, justify="left" if col == "mode" else "right")
+    for result in doc["results"]:
+        table.add_row(result["mode"], f"{100 * result['top1']:.2f}%",
+                      f"{100 * result['top5']:.2f}%", f"{result['loss']:.4f}",
+                      str(result["samples"]))  # fmt: skip
+    out.print(table)
+    if out_dir is not None:
+        out.print(f"wrote {out_dir}/report.json and report.md")
+
+
+@contextlib.contextmanager
+def _progress(disabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A rich progress bar fed by ``(stage, done, total)`` calls, or None when disabled."""
+    if disabled:
+        yield None
+        return
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,
+    ) as bar:  # fmt: skip
+        tasks: dict[str, TaskID] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total or None)
+            bar.update(tasks[stage], completed=done)
+
+        yield update
 
 
 @app.command()

@@ -26,6 +26,31 @@ from approxctl.noise import ChannelLayout, add_error, horner
 SAMPLES_PER_BATCH = 1 << 16
 
 
+class RunningMoments:
+    """Count, mean and standard deviation of a stream of tensors, in float64."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0.0
+        self.total_sq = 0.0
+
+    def add(self, t: torch.Tensor) -> None:
+        t = t.detach().to(torch.float64)
+        self.count += t.numel()
+        self.total += float(t.sum())
+        self.total_sq += float((t * t).sum())
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    @property
+    def std(self) -> float:
+        if not self.count:
+            return 0.0
+        return max(self.total_sq / self.count - self.mean**2, 0.0) ** 0.5
+
+
 class ErrorModel(nn.Module):
     """Common interface: record (proxy value, error) pairs, fit, then sample injected errors.
 
@@ -38,36 +63,24 @@ class ErrorModel(nn.Module):
         super().__init__()
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("summary", torch.zeros(3, dtype=torch.float64))
-        self._moments = [0.0] * 5  # count, sum err, sum err^2, sum v, sum v^2
+        self._errors, self._values = RunningMoments(), RunningMoments()
 
     def reset_recording(self) -> None:
-        self._moments = [0.0] * 5
+        self._errors, self._values = RunningMoments(), RunningMoments()
         self._reset()
 
     def record(self, v: torch.Tensor, err: torch.Tensor) -> None:
-        e = err.detach().to(torch.float64)
-        w = v.detach().to(torch.float64)
-        for i, value in enumerate((e.numel(), e.sum(), (e * e).sum(), w.sum(), (w * w).sum())):
-            self._moments[i] += float(value)
+        self._errors.add(err)
+        self._values.add(v)
         self._record(v, err)
 
     def fit_recorded(self) -> None:
-        count, se, se2, sv, sv2 = self._moments
-        if count == 0:
+        if self._errors.count == 0:
             raise ApproxError(
                 "no error samples were recorded; give fit_error_model at least one batch"
             )
-        err_mean, v_mean = se / count, sv / count
-        self.summary.copy_(
-            torch.tensor(
-                [
-                    err_mean,
-                    max(se2 / count - err_mean**2, 0.0) ** 0.5,
-                    max(sv2 / count - v_mean**2, 0.0) ** 0.5,
-                ],
-                dtype=torch.float64,
-            )
-        )
+        stats = [self._errors.mean, self._errors.std, self._values.std]
+        self.summary.copy_(torch.tensor(stats, dtype=torch.float64))
         self._fit()
         self.fitted.fill_(True)
         self.reset_recording()

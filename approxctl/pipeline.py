@@ -139,7 +139,6 @@ def convert_source(
     error_batches: int = 2,
     device: str = "auto",
     trust_pickle: bool = False,
-    progress: Progress | None = None,
 ) -> ConvertResult:
     """``approxctl convert``: build SOURCE, convert for ``target``, calibrate, fit, save.
 
@@ -156,26 +155,10 @@ def convert_source(
         )
     dev = resolve_device(device)
     bundle = data.load()
-    model, info = build_model(
-        source,
-        weights=weights,
-        num_classes=None if weights else bundle.num_classes,
-        in_channels=bundle.in_channels,
-        image_size=bundle.image_size,
-        trust_pickle=trust_pickle,
-    )
-    model = model.to(dev)
-    check_input_fits(model, bundle, dev)
-    converted = convert(model, target, exclude=exclude, **(options or {}))
-    converted.approx_source = info  # type: ignore[assignment]
-    if info.kind == "onnx":
-        converted.approx_onnx_path = source  # type: ignore[assignment]
-    if progress:
-        progress("calibrate", 0, calib_batches)
-    calibrate(converted, list(_batches(bundle.train, calib_batches, dev)))
-    if progress:
-        progress("fit error model", 0, error_batches)
-    fit_error_model(converted, list(_batches(bundle.train, error_batches, dev)))
+    converted, _, _ = prepare_model(
+        source, target, bundle, dev, weights=weights, exclude=exclude, options=options,
+        calib_batches=calib_batches, error_batches=error_batches, trust_pickle=trust_pickle,
+    )  # fmt: skip
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         io.save(converted, out_dir)
@@ -275,3 +258,112 @@ def profile_source(
         "iters": iters,
         **result,
     }
+
+
+def prepare_model(
+    source: str,
+    target: str | None,
+    bundle: DataBundle,
+    dev: torch.device,
+    *,
+    weights: str | None = None,
+    exclude: Iterable[str] = (),
+    options: dict[str, Any] | None = None,
+    calib_batches: int = 8,
+    error_batches: int = 2,
+    trust_pickle: bool = False,
+) -> tuple[nn.Module, str | None, str]:
+    """SOURCE -> (model on ``dev``, its target or None for a float model, a display name).
+
+    A converted directory is loaded as it is (``target``, if given, must match it). Any other
+    SOURCE is built for the data; with a ``target`` it is converted, calibrated on
+    ``calib_batches`` training batches and its error models fitted on ``error_batches``.
+    """
+    from approxctl.targets import canonical_name
+
+    if classify(source) == "dir":
+        model = io.load(source).to(dev)
+        stored = model.approx_plan.target  # type: ignore[union-attr]
+        if target is not None and canonical_name(target) != stored:
+            raise ApproxError(f"{source} was converted for target {stored}, not {target}")
+        if options:
+            raise ApproxError(f"{source} is already converted; target options cannot change")
+        return model, stored, source
+    model, info = build_model(
+        source, weights=weights, num_classes=None if weights else bundle.num_classes,
+        in_channels=bundle.in_channels, image_size=bundle.image_size, trust_pickle=trust_pickle,
+    )  # fmt: skip
+    model = model.to(dev)
+    check_input_fits(model, bundle, dev)
+    if target is None:
+        return model, None, info.name
+    converted = convert(model, target, exclude=exclude, **(options or {}))
+    converted.approx_source = info  # type: ignore[assignment]
+    if info.kind == "onnx":
+        converted.approx_onnx_path = source  # type: ignore[assignment]
+    calibrate(converted, list(_batches(bundle.train, calib_batches, dev)))
+    fit_error_model(converted, list(_batches(bundle.train, error_batches, dev)))
+    return converted, converted.approx_plan.target, info.name  # type: ignore[union-attr]
+
+
+def eval_source(
+    source: str,
+    target: str | None = None,
+    *,
+    modes: Iterable[str] = ("exact",),
+    weights: str | None = None,
+    exclude: Iterable[str] = (),
+    data: DataOptions | None = None,
+    out: str | Path | None = None,
+    options: dict[str, Any] | None = None,
+    calib_batches: int = 8,
+    error_batches: int = 2,
+    device: str = "auto",
+    trust_pickle: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """``approxctl eval``: accuracy per mode on the validation split, report.json/md in ``out``.
+
+    A float model (no target) is evaluated in float mode only; its result is what plain
+    PyTorch gives on the same data and preprocessing.
+    """
+    from approxctl.evaluate import evaluate
+    from approxctl.layers import MODES
+    from approxctl.report import eval_markdown, write_report
+
+    data = data or DataOptions()
+    modes = list(dict.fromkeys(modes))
+    for mode in modes:
+        if mode not in MODES:
+            raise ApproxError(f"unknown mode '{mode}'; choose from {', '.join(MODES)}")
+    dev = resolve_device(device)
+    bundle = data.load()
+    model, target_name, name = prepare_model(
+        source, target, bundle, dev, weights=weights, exclude=exclude, options=options,
+        calib_batches=calib_batches, error_batches=error_batches, trust_pickle=trust_pickle,
+    )  # fmt: skip
+    if target_name is None and modes != ["float"]:
+        raise ApproxError(
+            "without --target only --mode float applies; give --target to emulate hardware"
+        )
+    results = []
+    for mode in modes:
+        result = evaluate(
+            model, bundle.val, mode=mode, device=dev, total=len(bundle.val),
+            progress=(lambda done, total, m=mode: progress(f"eval {m}", done, total))
+            if progress else None,
+        )  # fmt: skip
+        results.append(result.to_json())
+    doc = {
+        "model": name,
+        "target": target_name,
+        "options": model.approx_plan.config.to_dict() if target_name else None,  # type: ignore[union-attr]
+        "device": device_name(dev),
+        "data": bundle.describe(),
+        "results": results,
+    }
+    if out is not None:
+        out_dir = Path(out)
+        write_report(out_dir, doc, eval_markdown(doc))
+        doc["out"] = str(out_dir)
+    return doc
