@@ -296,6 +296,154 @@ def convert(
     out.print(f"wrote {result.out}/model.safetensors and approx.json in {result.seconds:.1f} s")
 
 
+@app.command()
+@user_errors
+def train(
+    source: Annotated[
+        str | None,
+        typer.Argument(help="Model (as for convert) or a converted directory [default: tinyconv]."),
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option("--target", "-t", help="sc, approx-mult (am) or analog.")
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Error-injection epochs [default: 30].")
+    ] = None,
+    finetune: Annotated[
+        float | None,
+        typer.Option(help="Exact-mode fine-tune epochs; fractions allowed [default: 5]."),
+    ] = None,
+    pretrain: Annotated[
+        int | None,
+        typer.Option(help="Float epochs first, when SOURCE has no trained weights [default: 0]."),
+    ] = None,
+    recipe: Annotated[Path | None, typer.Option(help="TOML recipe; flags override it.")] = None,
+    weights: Annotated[
+        str | None, typer.Option(help=".pt/.pth state dict or .safetensors.")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Glob on layer names to keep in float.")
+    ] = None,
+    data: Annotated[str | None, typer.Option(help="Dataset [default: fashion-mnist].")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Output directory [default: runs/SOURCE-TARGET].")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out from its last checkpoint.")
+    ] = False,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size [default: 128].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate [default: 0.01].")] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="sgd, adam or adamw [default: sgd].")
+    ] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="cosine, step or none [default: cosine].")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed; runs are reproducible [default: 0].")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Data loader workers [default: 0].")] = None,
+    calib_per_epoch: Annotated[
+        int | None, typer.Option(help="Type-1 error-model refits per epoch [default: 5].")
+    ] = None,
+    calib_every: Annotated[
+        int | None, typer.Option(help="Type-2 refit every N batches [default: 10].")
+    ] = None,
+    val_every: Annotated[
+        int | None, typer.Option(help="Validate every N epochs [default: 1].")
+    ] = None,
+    amp: Annotated[
+        bool | None, typer.Option("--amp/--no-amp", help="Autocast the float parts.")
+    ] = None,
+    checkpointing: Annotated[
+        bool | None,
+        typer.Option(
+            "--checkpointing/--no-checkpointing",
+            help="Recompute the added ops in backward (less memory).",
+        ),
+    ] = None,
+    image_size: Annotated[int | None, typer.Option(help="Resize/pad images to this size.")] = None,
+    limit_train: Annotated[
+        int | None, typer.Option(help="Use the first N training samples.")
+    ] = None,
+    limit_val: Annotated[
+        int | None, typer.Option(help="Use the first N validation samples.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    trust_pickle: Annotated[
+        bool, typer.Option(help="Allow pickled full modules (runs code from the file).")
+    ] = False,
+    sc_length: Annotated[int | None, typer.Option(help="[sc] stream length.")] = None,
+    sc_phase: Annotated[str | None, typer.Option(help="[sc] phase rules 'a,b:a,b'.")] = None,
+    lut: Annotated[str | None, typer.Option(help="[approx-mult] multiplier.")] = None,
+    adc_bits: Annotated[int | None, typer.Option(help="[analog] ADC resolution.")] = None,
+    array_size: Annotated[int | None, typer.Option(help="[analog] inputs per array.")] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Train for the hardware: error-injection epochs, then an exact-mode fine-tune."""
+    from approxctl.pipeline import DataOptions, train_source
+    from approxctl.recipes import load_recipe, pick
+    from approxctl.targets import canonical_name
+    from approxctl.train import TrainConfig
+
+    book = load_recipe(recipe) if recipe is not None else {}
+    source = pick(source, book, "source", "tinyconv")
+    target = pick(target, book, "target", None)
+    if target is None:
+        raise ApproxError("--target is required (sc, approx-mult/am or analog)")
+    flags = {"sc_length": sc_length, "lut": lut, "adc_bits": adc_bits, "array_size": array_size}
+    options = dict(book.get("options", {})) | target_options(target, flags, sc_phase)
+    defaults = TrainConfig()
+    given = {
+        "pretrain": pretrain, "epochs": epochs, "finetune": finetune, "lr": lr,
+        "optimizer": optimizer, "scheduler": scheduler, "seed": seed,
+        "calib_per_epoch": calib_per_epoch, "calib_every": calib_every, "val_every": val_every,
+        "amp": amp, "checkpointing": checkpointing,
+    }  # fmt: skip
+    config = TrainConfig(
+        **{key: pick(value, book, key, getattr(defaults, key)) for key, value in given.items()},
+        **{k: book[k] for k in ("momentum", "weight_decay") if k in book},
+    )
+    if out_dir is None:
+        out_dir = Path("runs") / f"{Path(source).stem.replace(':', '.')}-{canonical_name(target)}"
+    data_options = DataOptions(
+        spec=pick(data, book, "data", "fashion-mnist"),
+        batch_size=pick(batch_size, book, "batch_size", 128),
+        image_size=pick(image_size, book, "image_size", None),
+        mean=tuple(book["mean"]) if "mean" in book else None,
+        std=tuple(book["std"]) if "std" in book else None,
+        limit_train=pick(limit_train, book, "limit_train", None),
+        limit_val=pick(limit_val, book, "limit_val", None),
+        workers=pick(workers, book, "workers", 0),
+    )
+    with _progress(quiet or json_out) as progress:
+        doc = train_source(
+            source, target, config, weights=pick(weights, book, "weights", None),
+            exclude=exclude or book.get("exclude", ()), data=data_options, out=out_dir,
+            options=options, resume=resume, device=pick(device, book, "device", "auto"),
+            trust_pickle=trust_pickle, progress=progress,
+        )  # fmt: skip
+    if json_out:
+        _print_json(doc)
+        return
+    from approxctl.report import COLUMNS
+
+    summary = doc["summary"]
+    table = Table(
+        title=f"{doc['model']} on {doc['target']}: validation top-1 in exact mode",
+        title_justify="left",
+    )
+    shown = [(key, label) for key, label in COLUMNS if key in summary]
+    for _, label in shown:
+        table.add_column(label, justify="right")
+    table.add_row(*(f"{100 * summary[key]['top1']:.2f}%" for key, _ in shown))
+    out.print(table)
+    out.print(f"wrote {out_dir}: model.safetensors, approx.json, report.md, plots/ "
+              f"({doc['seconds']:.0f} s)")  # fmt: skip
+
+
 @app.command(name="eval")
 @user_errors
 def eval_command(

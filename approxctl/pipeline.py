@@ -367,3 +367,102 @@ def eval_source(
         write_report(out_dir, doc, eval_markdown(doc))
         doc["out"] = str(out_dir)
     return doc
+
+
+def train_source(
+    source: str,
+    target: str,
+    config: Any,
+    *,
+    weights: str | None = None,
+    exclude: Iterable[str] = (),
+    data: DataOptions | None = None,
+    out: str | Path | None = None,
+    options: dict[str, Any] | None = None,
+    resume: bool = False,
+    device: str = "auto",
+    trust_pickle: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """``approxctl train``: the paper's method end to end; writes the SPEC section 5 outputs.
+
+    ``config`` is a ``train.TrainConfig``. SOURCE is built for the data (or loaded, when it is a
+    converted directory) and trained; ``out`` receives model.safetensors + approx.json,
+    checkpoints/last.pt, report.json/md and plots/.
+    """
+    from approxctl.plots import convergence_plot, error_fit_plots
+    from approxctl.report import train_markdown, write_report
+    from approxctl.targets import canonical_name
+    from approxctl.train import Trainer
+
+    data = data or DataOptions()
+    config.validate()
+    target = canonical_name(target)
+    out_dir = Path(out) if out is not None else None
+    if resume and out_dir is None:
+        raise ApproxError("--resume needs --out: the directory of the run to continue")
+    dev = resolve_device(device)
+    data.seed = config.seed
+    torch.manual_seed(config.seed)  # before the model's random initialization
+    bundle = data.load()
+    started = time.perf_counter()
+    if classify(source) == "dir":
+        if config.pretrain:
+            raise ApproxError("--pretrain applies to float models, not a converted directory")
+        model, _, name = prepare_model(source, target, bundle, dev)
+        convert_fn, pretrained, info = None, True, getattr(model, "approx_source", None)
+    else:
+        model, info = build_model(
+            source, weights=weights, num_classes=None if weights else bundle.num_classes,
+            in_channels=bundle.in_channels, image_size=bundle.image_size,
+            trust_pickle=trust_pickle,
+        )  # fmt: skip
+        model = model.to(dev)
+        check_input_fits(model, bundle, dev)
+        name, pretrained = info.name, weights is not None
+
+        def convert_fn(float_model: nn.Module) -> nn.Module:
+            converted = convert(float_model, target, exclude=exclude, **(options or {}))
+            converted.approx_source = info  # type: ignore[assignment]
+            if info.kind == "onnx":
+                converted.approx_onnx_path = source  # type: ignore[assignment]
+            return converted
+
+    trainer = Trainer(
+        model, bundle, config, device=dev, out=out_dir, convert_fn=convert_fn,
+        progress=progress, pretrained=pretrained,
+    )  # fmt: skip
+    summary = trainer.run(resume=resume)
+    model = trainer.model
+    fit_error_model(model, list(_batches(bundle.train, 2, dev)))  # final statistics, for plots
+    doc = {
+        "model": name,
+        "target": target,
+        "options": model.approx_plan.config.to_dict(),  # type: ignore[union-attr]
+        "train": vars(config) | {},
+        "device": device_name(dev),
+        "data": bundle.describe(),
+        "summary": summary,
+        "history": trainer.state.history,
+        "layers": layer_rows(model),
+        "seconds": time.perf_counter() - started,
+        "peak_memory_mb": _peak_memory_mb(dev),
+    }
+    if out_dir is not None:
+        io.save(model, out_dir)
+        plots = out_dir / "plots"
+        convergence_plot(trainer.state.history, plots / "convergence.png", f"{name} on {target}")
+        doc["plots"] = [str(p.relative_to(out_dir)) for p in error_fit_plots(model, plots)]
+        doc["plots"].insert(0, "plots/convergence.png")
+        write_report(out_dir, doc, train_markdown(doc))
+        doc["out"] = str(out_dir)
+    return doc
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory, or the process's peak resident set size on CPU (Linux: KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
