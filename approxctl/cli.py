@@ -425,6 +425,8 @@ def train(
             options=options, resume=resume, device=pick(device, book, "device", "auto"),
             trust_pickle=trust_pickle, progress=progress,
         )  # fmt: skip
+    if "rank" in doc:  # a torchrun worker other than rank 0: rank 0 reports
+        return
     if json_out:
         _print_json(doc)
         return

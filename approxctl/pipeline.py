@@ -390,6 +390,7 @@ def train_source(
     converted directory) and trained; ``out`` receives model.safetensors + approx.json,
     checkpoints/last.pt, report.json/md and plots/.
     """
+    from approxctl import distributed
     from approxctl.plots import convergence_plot, error_fit_plots
     from approxctl.report import train_markdown, write_report
     from approxctl.targets import canonical_name
@@ -402,6 +403,9 @@ def train_source(
     if resume and out_dir is None:
         raise ApproxError("--resume needs --out: the directory of the run to continue")
     dev = resolve_device(device)
+    ctx = distributed.context(dev)
+    if ctx.enabled and dev.type == "cuda":
+        dev = torch.device("cuda", ctx.local_rank)
     data.seed = config.seed
     torch.manual_seed(config.seed)  # before the model's random initialization
     bundle = data.load()
@@ -430,10 +434,13 @@ def train_source(
 
     trainer = Trainer(
         model, bundle, config, device=dev, out=out_dir, convert_fn=convert_fn,
-        progress=progress, pretrained=pretrained,
+        progress=progress, pretrained=pretrained, dist_ctx=ctx,
     )  # fmt: skip
     summary = trainer.run(resume=resume)
     model = trainer.model
+    if not ctx.is_main:  # rank 0 reports and writes; the others are done
+        distributed.barrier(ctx)
+        return {"rank": ctx.rank, "summary": summary}
     fit_error_model(model, list(_batches(bundle.train, 2, dev)))  # final statistics, for plots
     doc = {
         "model": name,
@@ -456,6 +463,7 @@ def train_source(
         doc["plots"].insert(0, "plots/convergence.png")
         write_report(out_dir, doc, train_markdown(doc))
         doc["out"] = str(out_dir)
+    distributed.barrier(ctx)
     return doc
 
 

@@ -13,8 +13,8 @@ Phases, in order (each optional):
    batches (0.25: a quarter of an epoch).
 
 A checkpoint (``checkpoints/last.pt``) is written atomically after every epoch; ``resume``
-continues after the last complete epoch with the same RNG and data-order state, so a resumed run
-ends where an uninterrupted one would.
+continues after the last complete epoch. Every epoch seeds torch's generator and the data order
+from (seed, epoch number, rank), so a resumed run ends exactly where an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from approxctl import distributed
 from approxctl.convert import calibrate, fit_error_model, set_checkpointing, set_mode
+from approxctl.distributed import DistContext
 from approxctl.errors import ApproxError
 from approxctl.evaluate import evaluate
 from approxctl.io import atomic_write
@@ -152,8 +154,8 @@ class Trainer:
         out: Path | None,
         convert_fn: Callable[[nn.Module], nn.Module] | None = None,
         progress: Progress | None = None,
-        is_main: bool = True,
         pretrained: bool = False,
+        dist_ctx: DistContext | None = None,
     ) -> None:
         config.validate()
         self.model = model
@@ -162,8 +164,15 @@ class Trainer:
         self.device = device
         self.out = out
         self.convert_fn = convert_fn
-        self.progress = progress
-        self.is_main = is_main
+        self.dist = dist_ctx or DistContext()
+        self.is_main = self.dist.is_main
+        self.progress = progress if self.is_main else None
+        self.train_loader = (
+            distributed.shard_loader(bundle.train, self.dist, config.seed)
+            if self.dist.enabled
+            else bundle.train
+        )
+        self.train_model = distributed.wrap(model, self.dist, device)
         self.plan = _phase_plan(config)
         self.state = TrainState(summary={"pretrained": pretrained})
         self.optimizer: torch.optim.Optimizer | None = None
@@ -184,8 +193,6 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "state": asdict(self.state),
             "config": asdict(self.config),
-            "rng": torch.get_rng_state(),
-            "data_rng": self.bundle.train_generator.get_state(),
             "converted": bool(approx_layers(self.model)),
         }
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
@@ -209,10 +216,20 @@ class Trainer:
         return payload
 
     # ---------------------------------------------------------------- epochs
+    def _seed_epoch(self) -> None:
+        """Seed noise and data order from (seed, epoch number, rank): resumable, and each rank
+        draws its own injected error."""
+        epoch = len(self.state.history)
+        torch.manual_seed(self.config.seed + 1_000_003 * epoch + 7_919 * self.dist.rank)
+        if self.dist.enabled:
+            self.train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        else:
+            self.bundle.train_generator.manual_seed(self.config.seed + epoch)
+
     def _batches(self, fraction: float) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        total = len(self.bundle.train)
+        total = len(self.train_loader)
         count = max(1, round(total * fraction)) if fraction < 1 else total
-        for index, (x, y) in enumerate(self.bundle.train):
+        for index, (x, y) in enumerate(self.train_loader):
             if index >= count:
                 break
             yield index, x.to(self.device), y.to(self.device)
@@ -221,7 +238,7 @@ class Trainer:
         assert self.optimizer is not None and self.scheduler is not None
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=self.config.amp):
-            logits = self.model(x)
+            logits = self.train_model(x)
             loss = F.cross_entropy(logits.float(), y)
         if not torch.isfinite(loss):
             raise ApproxError(
@@ -235,11 +252,12 @@ class Trainer:
 
     def _run_epoch(self, phase: str, mode: str, epoch: int, fraction: float) -> EpochRecord:
         started = time.perf_counter()
+        self._seed_epoch()
         if phase != "pretrain":
             set_mode(self.model, mode)
             set_checkpointing(self.model, self.config.checkpointing)
         self.model.train()
-        total = len(self.bundle.train)
+        total = len(self.train_loader)
         planned = max(1, round(total * fraction)) if fraction < 1 else total
         calibrate_at: set[int] = set()
         if phase == "inject":
@@ -269,7 +287,11 @@ class Trainer:
         )
 
     def validate(self, mode: str, label: str) -> dict[str, Any]:
-        """Accuracy on the validation split (``exact`` for approximate phases, SPEC 4)."""
+        """Accuracy on the validation split (``exact`` for approximate phases, SPEC 4).
+
+        Under DDP rank 0 evaluates and the others receive its result."""
+        if not self.is_main:
+            return distributed.share(None, self.dist)
         progress = None
         if self.progress is not None:
             report = self.progress
@@ -278,11 +300,11 @@ class Trainer:
             self.model, self.bundle.val, mode=mode, device=self.device,
             layer_errors=False, progress=progress, total=len(self.bundle.val),
         )  # fmt: skip
-        return result.to_json()
+        return distributed.share(result.to_json(), self.dist)
 
     # ---------------------------------------------------------------- the run
     def _total_steps(self) -> int:
-        batches = len(self.bundle.train)
+        batches = len(self.train_loader)
         return sum(
             batches * math.floor(epochs) + round(batches * (epochs % 1))
             for phase, _, epochs in self.plan
@@ -291,7 +313,7 @@ class Trainer:
 
     def _start_phase_optimizer(self, phase: str) -> None:
         if phase == "pretrain":
-            steps = len(self.bundle.train) * self.config.pretrain
+            steps = len(self.train_loader) * self.config.pretrain
         else:
             steps = self._total_steps()
         self.optimizer = make_optimizer(self.model, self.config)
@@ -304,10 +326,11 @@ class Trainer:
         self.model = self.convert_fn(self.model).to(self.device)
         calibrate(self.model, [x.to(self.device) for x, _ in _take(self.bundle.train, 8)])
         fit_error_model(self.model, [next(iter(self.bundle.train))[0].to(self.device)])
+        # Every rank calibrated on the same batches; DDP keeps rank 0's buffers from here on.
+        self.train_model = distributed.wrap(self.model, self.dist, self.device)
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Run (or resume) every phase; return the training summary for report.json."""
-        torch.manual_seed(self.config.seed)
         if resume:
             assert self.checkpoint_path is not None
             self._restore(self.load_checkpoint(self.checkpoint_path))
@@ -344,9 +367,6 @@ class Trainer:
             assert self.optimizer is not None and self.scheduler is not None
             self.optimizer.load_state_dict(payload["optimizer"])
             self.scheduler.load_state_dict(payload["scheduler"])
-        # Last, so that the calibration batches drawn by _convert do not shift the data order.
-        torch.set_rng_state(payload["rng"])
-        self.bundle.train_generator.set_state(payload["data_rng"])
 
     def _record_inference_only(self) -> None:
         """'Inference only' (paper Table 5): the starting weights run on the hardware as they
