@@ -113,7 +113,7 @@ class ApproxLayer(nn.Module):
             if self.recording:  # fit_error_model: the proxy's error against the hardware
                 v = (y.detach() - bias) / scale
                 self.error_model.record(v, exact - v)
-            return straight_through(y, exact * scale + bias)
+            return straight_through(y, exact, scale, bias)
         return self.error_model.inject(y, scale, bias, self.channel_layout(y))
 
     def _check_ready(self) -> None:
@@ -247,12 +247,16 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
 
     def group_concat(self, xs: list[torch.Tensor]) -> torch.Tensor:
         """Inputs (N, C, H, W) concatenated channel-wise *within each group*, so that group g
-        sees [x1_g, x2_g, ...] (plain concatenation would move channels across groups)."""
+        sees [x1_g, x2_g, ...] (plain concatenation would move channels across groups).
+
+        Inputs may have any strides: ConvNeXt, for one, feeds its depthwise convs a permuted
+        (channels-last) tensor, which ``view`` cannot split into groups.
+        """
         if len(xs) == 1:
             return xs[0]
         n, c, h, w = xs[0].shape
         g = self.groups
-        return torch.cat([x.view(n, g, c // g, h, w) for x in xs], 2).view(n, -1, h, w)
+        return torch.cat([x.reshape(n, g, c // g, h, w) for x in xs], 2).reshape(n, -1, h, w)
 
     def conv_geometry(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """Input with non-zero/asymmetric padding applied, and the remaining conv arguments."""

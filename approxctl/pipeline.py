@@ -233,7 +233,7 @@ def profile_source(
         data_name = bundle.name
     x, y = x.to(dev), y.to(dev)
     if classify(source) == "dir":
-        converted = io.load(source).to(dev)
+        converted = io.load(source, trust_pickle=trust_pickle).to(dev)
         model_name = source
     else:
         if target is None:
@@ -282,7 +282,7 @@ def prepare_model(
     from approxctl.targets import canonical_name
 
     if classify(source) == "dir":
-        model = io.load(source).to(dev)
+        model = io.load(source, trust_pickle=trust_pickle).to(dev)
         stored = model.approx_plan.target  # type: ignore[union-attr]
         if target is not None and canonical_name(target) != stored:
             raise ApproxError(f"{source} was converted for target {stored}, not {target}")
@@ -413,7 +413,8 @@ def train_source(
     if classify(source) == "dir":
         if config.pretrain:
             raise ApproxError("--pretrain applies to float models, not a converted directory")
-        model, _, name = prepare_model(source, target, bundle, dev)
+        config.pretrain = 0
+        model, _, name = prepare_model(source, target, bundle, dev, trust_pickle=trust_pickle)
         convert_fn, pretrained, info = None, True, getattr(model, "approx_source", None)
     else:
         model, info = build_model(
@@ -432,6 +433,8 @@ def train_source(
                 converted.approx_onnx_path = source  # type: ignore[assignment]
             return converted
 
+    if config.pretrain is None:  # train from scratch in float first, unless weights are given
+        config.pretrain = 0 if pretrained else 1
     trainer = Trainer(
         model, bundle, config, device=dev, out=out_dir, convert_fn=convert_fn,
         progress=progress, pretrained=pretrained, dist_ctx=ctx,

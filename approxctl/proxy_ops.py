@@ -55,19 +55,21 @@ class _HardTanhPair(torch.autograd.Function):
 
 
 class _ForwardValue(torch.autograd.Function):
-    """Forward: ``value``; backward: the gradient goes to ``proxy`` unchanged.
+    """Forward: ``exact * scale + bias``; backward: the gradient goes to ``proxy`` unchanged.
 
     The straight-through estimator ``proxy + (value - proxy).detach()`` of SPEC section 4, in
-    one node and without its rounding (the forward value is ``value`` bit for bit).
+    one node and without its rounding (the forward value is the hardware's bit for bit). The
+    value is computed here, as a new tensor, so later in-place ops (ReLU(inplace=True)) can
+    modify it.
     """
 
     @staticmethod
-    def forward(ctx, proxy, value):  # type: ignore[no-untyped-def]
-        return value
+    def forward(ctx, proxy, exact, scale, bias):  # type: ignore[no-untyped-def]
+        return exact * scale + bias
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def]
-        return grad, None
+        return grad, None, None, None
 
 
 def sc_activation(
@@ -87,8 +89,11 @@ def hardtanh_pair(
     return _HardTanhPair.apply(z_pos, z_neg, t, scale, bias)
 
 
-def straight_through(proxy: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    return _ForwardValue.apply(proxy, value.detach())
+def straight_through(
+    proxy: torch.Tensor, exact: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """Forward ``exact * scale + bias``, backward straight into ``proxy``."""
+    return _ForwardValue.apply(proxy, exact.detach(), scale.detach(), bias.detach())
 
 
 def fake_quant(x: torch.Tensor, step: float, qmin: int, qmax: int) -> torch.Tensor:

@@ -54,7 +54,8 @@ def test_torchrun_two_processes_train_and_only_rank_0_writes(tmp_path: Path) -> 
     command = [
         str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "approxctl",
         "train", "tinyconv", "--target", "am", "--data", "digits", "--limit-train", "512",
-        "--batch-size", "64", "--epochs", "1", "--finetune", "0.5", "--out", str(tmp_path),
+        "--batch-size", "64", "--pretrain", "0", "--epochs", "1", "--finetune", "0.5",
+        "--out", str(tmp_path),
         "--json", "--quiet",
     ]  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": "1"}

@@ -120,8 +120,9 @@ def test_hardtanh_pair_matches_the_formula_and_gradcheck() -> None:
 
 def test_straight_through_forwards_the_value_exactly() -> None:
     proxy = torch.randn(10, requires_grad=True)
-    value = torch.randn(10)
-    out = straight_through(proxy, value)
-    assert torch.equal(out, value)
+    exact, scale, bias = torch.randn(10), torch.tensor(0.5), torch.tensor(2.0)
+    out = straight_through(proxy, exact, scale, bias)
+    assert torch.equal(out, exact * scale + bias)
+    out.relu_()  # in-place ops after a layer (ReLU(inplace=True)) must work
     (out * 3).sum().backward()
-    assert torch.equal(proxy.grad, torch.full((10,), 3.0))
+    assert torch.equal(proxy.grad, torch.where(out > 0, 3.0, 0.0))
