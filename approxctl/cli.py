@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -27,17 +30,57 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from typer.core import TyperGroup
+
+try:  # typer >= 0.20 vendors click
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover - older typer on top of click
+    from click.exceptions import ClickException, UsageError
 
 from approxctl.errors import ApproxError
 
+out = Console()
+err = Console(stderr=True)
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Typer's command group, printing usage errors (a flag value that does not parse, a
+    missing or unknown option) as one line on stderr with exit status 2, like every other
+    error of bad input (SPEC section 1), instead of a usage box."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            status = super().main(*args, standalone_mode=False, **kwargs)
+        except UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # plain `approxctl`: the help text
+                exc.show()
+                sys.exit(exc.exit_code)
+            command = exc.ctx.command_path if exc.ctx is not None else "approxctl"
+            message = " ".join(exc.format_message().split()).rstrip(".")
+            err.print(
+                f"[bold red]error:[/] {escape(message)}; see `{escape(command)} --help`",
+                highlight=False,
+                soft_wrap=True,
+            )
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            err.print("aborted")
+            sys.exit(1)
+        sys.exit(status if isinstance(status, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Convert, emulate bit-exactly and retrain CNNs for approximate hardware.",
 )
-out = Console()
-err = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,8 +90,25 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of erro
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # escape: messages quote user input and TOML keys such as "[options]", which are not markup
+    message = " ".join(message.split())  # one line, whatever the library's message held
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _os_error_message(exc: OSError) -> str:
+    """One line for a file-system error: what failed on which path, and what to do."""
+    path = exc.filename or "the output"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device writing {path}; free space or choose another --out"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {path}; fix its permissions or choose another --out"
+    if exc.errno == errno.EROFS:
+        return f"{path} is on a read-only file system; choose another --out"
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        return f"{path} (or a folder above it) is a file, not a folder; choose another --out"
+    reason = exc.strerror or type(exc).__name__
+    return f"{reason}: {path}; check the path (and --out)"
 
 
 def user_errors(func: F) -> F:
@@ -62,14 +122,20 @@ def user_errors(func: F) -> F:
             return func(*args, **kwargs)
         except ApproxError as exc:
             _fail(str(exc))
-        except PermissionError as exc:
-            _fail(f"permission denied: {exc.filename or exc}; choose another --out")
         except OSError as exc:
-            if exc.errno == 28:  # ENOSPC
-                _fail(f"no space left on the device writing {exc.filename or 'output'}")
-            raise
+            if exc.errno is None:  # not a file-system error: a bug, shown in full
+                raise
+            _fail(_os_error_message(exc))
         except KeyboardInterrupt:
-            err.print("interrupted")
+            if func.__name__ == "train":
+                err.print(
+                    "interrupted; checkpoints/last.pt in --out holds the last completed epoch: "
+                    "run the same command with --resume to continue from it",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+            else:
+                err.print("interrupted")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
@@ -89,6 +155,7 @@ TARGET_FLAGS: dict[str, tuple[str | None, str]] = {
     "array_size": ("analog", "array_size"),
     "adc_calib": ("analog", "adc_calib"),
     "proxy_clamp": ("analog", "proxy_clamp"),
+    "proxy": (None, "proxy"),
     "poly_degree": (None, "poly_degree"),
     "poly_bins": (None, "poly_bins"),
     "backend": (None, "backend"),
@@ -118,6 +185,9 @@ def target_options(target: str, flags: dict[str, Any], sc_phase: str | None) -> 
         if value is None:
             continue
         owner, option = TARGET_FLAGS[flag]
+        if flag == "proxy" and name == "approx-mult":
+            raise ApproxError("--proxy/--no-proxy applies to targets sc and analog (approx-mult "
+                              "has no proxy activation)")  # fmt: skip
         if owner is not None and owner != name:
             raise ApproxError(f"--{flag.replace('_', '-')} applies to target {owner}, not {name}")
         options[option] = value
@@ -220,7 +290,7 @@ def convert(
         ),
     ] = "fashion-mnist",
     out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Output directory [default: runs/SOURCE-TARGET].")
+        Path | None, typer.Option("--out", help="Output directory (default: runs/SOURCE-TARGET).")
     ] = None,
     calib_batches: Annotated[int, typer.Option(help="Batches for activation/ADC calibration.")] = 8,
     error_batches: Annotated[int, typer.Option(help="Batches for the error models.")] = 2,
@@ -242,21 +312,28 @@ def convert(
     trust_pickle: Annotated[
         bool, typer.Option(help="Allow pickled full modules (runs code from the file).")
     ] = False,
-    sc_length: Annotated[int | None, typer.Option(help="[sc] stream length L (16..256).")] = None,
+    sc_length: Annotated[int | None, typer.Option(help="sc: stream length L (16..256).")] = None,
     sc_phase: Annotated[
-        str | None, typer.Option(help="[sc] phase rules 'a,b:a,b' (activations:weights).")
+        str | None, typer.Option(help="sc: phase rules 'a,b:a,b' (activations:weights).")
     ] = None,
-    sc_gain: Annotated[float | None, typer.Option(help="[sc] weight gain g.")] = None,
+    sc_gain: Annotated[float | None, typer.Option(help="sc: weight gain g.")] = None,
     lut: Annotated[
-        str | None, typer.Option(help="[approx-mult] bundled multiplier name or .npy table.")
+        str | None, typer.Option(help="approx-mult: bundled multiplier name or .npy table.")
     ] = None,
-    adc_bits: Annotated[int | None, typer.Option(help="[analog] ADC resolution.")] = None,
-    array_size: Annotated[int | None, typer.Option(help="[analog] inputs per array.")] = None,
+    adc_bits: Annotated[int | None, typer.Option(help="analog: ADC resolution.")] = None,
+    array_size: Annotated[int | None, typer.Option(help="analog: inputs per array.")] = None,
     adc_calib: Annotated[
-        str | None, typer.Option(help="[analog] mse, max or percentile:P.")
+        str | None, typer.Option(help="analog: mse, max or percentile:P.")
     ] = None,
     proxy_clamp: Annotated[
-        float | None, typer.Option(help="[analog] T of the proxy clamp.")
+        float | None, typer.Option(help="analog: T of the proxy clamp.")
+    ] = None,
+    proxy: Annotated[
+        bool | None,
+        typer.Option(
+            "--proxy/--no-proxy",
+            help="sc, analog: backward through the proxy activation (default) or plain.",
+        ),
     ] = None,
     poly_degree: Annotated[int | None, typer.Option(help="Type-1 error polynomial degree.")] = None,
     poly_bins: Annotated[int | None, typer.Option(help="Type-1 error bins.")] = None,
@@ -301,21 +378,21 @@ def convert(
 def train(
     source: Annotated[
         str | None,
-        typer.Argument(help="Model (as for convert) or a converted directory [default: tinyconv]."),
+        typer.Argument(help="Model (as for convert) or a converted directory (default: tinyconv)."),
     ] = None,
     target: Annotated[
         str | None, typer.Option("--target", "-t", help="sc, approx-mult (am) or analog.")
     ] = None,
     epochs: Annotated[
-        int | None, typer.Option(help="Error-injection epochs [default: 30].")
+        int | None, typer.Option(help="Error-injection epochs (default: 2).")
     ] = None,
     finetune: Annotated[
         float | None,
-        typer.Option(help="Exact-mode fine-tune epochs; fractions allowed [default: 5]."),
+        typer.Option(help="Exact-mode fine-tune epochs; fractions allowed (default: 0.5)."),
     ] = None,
     pretrain: Annotated[
         int | None,
-        typer.Option(help="Float epochs first, when SOURCE has no trained weights [default: 0]."),
+        typer.Option(help="Float epochs before conversion (default: 1 without --weights, else 0)."),
     ] = None,
     recipe: Annotated[Path | None, typer.Option(help="TOML recipe; flags override it.")] = None,
     weights: Annotated[
@@ -324,33 +401,33 @@ def train(
     exclude: Annotated[
         list[str] | None, typer.Option(help="Glob on layer names to keep in float.")
     ] = None,
-    data: Annotated[str | None, typer.Option(help="Dataset [default: fashion-mnist].")] = None,
+    data: Annotated[str | None, typer.Option(help="Dataset (default: fashion-mnist).")] = None,
     out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Output directory [default: runs/SOURCE-TARGET].")
+        Path | None, typer.Option("--out", help="Output directory (default: runs/SOURCE-TARGET).")
     ] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out from its last checkpoint.")
     ] = False,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size [default: 128].")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate [default: 0.01].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (default: 128).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: 0.01).")] = None,
     optimizer: Annotated[
-        str | None, typer.Option(help="sgd, adam or adamw [default: sgd].")
+        str | None, typer.Option(help="sgd, adam or adamw (default: sgd).")
     ] = None,
     scheduler: Annotated[
-        str | None, typer.Option(help="cosine, step or none [default: cosine].")
+        str | None, typer.Option(help="cosine, step or none (default: cosine).")
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(help="Seed; runs are reproducible [default: 0].")
+        int | None, typer.Option(help="Seed; runs are reproducible (default: 0).")
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="Data loader workers [default: 0].")] = None,
+    workers: Annotated[int | None, typer.Option(help="Data loader workers (default: 0).")] = None,
     calib_per_epoch: Annotated[
-        int | None, typer.Option(help="Type-1 error-model refits per epoch [default: 5].")
+        int | None, typer.Option(help="Type-1 error-model refits per epoch (default: 5).")
     ] = None,
     calib_every: Annotated[
-        int | None, typer.Option(help="Type-2 refit every N batches [default: 10].")
+        int | None, typer.Option(help="Type-2 refit every N batches (default: 10).")
     ] = None,
     val_every: Annotated[
-        int | None, typer.Option(help="Validate every N epochs [default: 1].")
+        int | None, typer.Option(help="Validate every N epochs (default: 1).")
     ] = None,
     amp: Annotated[
         bool | None, typer.Option("--amp/--no-amp", help="Autocast the float parts.")
@@ -373,11 +450,19 @@ def train(
     trust_pickle: Annotated[
         bool, typer.Option(help="Allow pickled full modules (runs code from the file).")
     ] = False,
-    sc_length: Annotated[int | None, typer.Option(help="[sc] stream length.")] = None,
-    sc_phase: Annotated[str | None, typer.Option(help="[sc] phase rules 'a,b:a,b'.")] = None,
-    lut: Annotated[str | None, typer.Option(help="[approx-mult] multiplier.")] = None,
-    adc_bits: Annotated[int | None, typer.Option(help="[analog] ADC resolution.")] = None,
-    array_size: Annotated[int | None, typer.Option(help="[analog] inputs per array.")] = None,
+    sc_length: Annotated[int | None, typer.Option(help="sc: stream length.")] = None,
+    sc_phase: Annotated[str | None, typer.Option(help="sc: phase rules 'a,b:a,b'.")] = None,
+    sc_gain: Annotated[float | None, typer.Option(help="sc: weight gain g.")] = None,
+    lut: Annotated[str | None, typer.Option(help="approx-mult: multiplier.")] = None,
+    adc_bits: Annotated[int | None, typer.Option(help="analog: ADC resolution.")] = None,
+    array_size: Annotated[int | None, typer.Option(help="analog: inputs per array.")] = None,
+    proxy: Annotated[
+        bool | None,
+        typer.Option(
+            "--proxy/--no-proxy",
+            help="sc, analog: backward through the proxy activation (default) or plain.",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -393,7 +478,10 @@ def train(
     target = pick(target, book, "target", None)
     if target is None:
         raise ApproxError("--target is required (sc, approx-mult/am or analog)")
-    flags = {"sc_length": sc_length, "lut": lut, "adc_bits": adc_bits, "array_size": array_size}
+    flags = {
+        "sc_length": sc_length, "sc_gain": sc_gain, "lut": lut, "adc_bits": adc_bits,
+        "array_size": array_size, "proxy": proxy,
+    }  # fmt: skip
     options = dict(book.get("options", {})) | target_options(target, flags, sc_phase)
     defaults = TrainConfig()
     given = {
@@ -458,7 +546,7 @@ def eval_command(
     mode: Annotated[
         list[str] | None,
         typer.Option(
-            help="exact, inject or float; repeatable [default: exact, or float without a target]."
+            help="exact, inject or float; repeatable (default: exact, or float without a target)."
         ),
     ] = None,
     weights: Annotated[
@@ -492,9 +580,9 @@ def eval_command(
     trust_pickle: Annotated[
         bool, typer.Option(help="Allow pickled full modules (runs code from the file).")
     ] = False,
-    lut: Annotated[str | None, typer.Option(help="[approx-mult] multiplier.")] = None,
-    adc_bits: Annotated[int | None, typer.Option(help="[analog] ADC resolution.")] = None,
-    sc_length: Annotated[int | None, typer.Option(help="[sc] stream length.")] = None,
+    lut: Annotated[str | None, typer.Option(help="approx-mult: multiplier.")] = None,
+    adc_bits: Annotated[int | None, typer.Option(help="analog: ADC resolution.")] = None,
+    sc_length: Annotated[int | None, typer.Option(help="sc: stream length.")] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -584,9 +672,9 @@ def profile(
     checkpointing: Annotated[
         bool, typer.Option(help="Also time with gradient checkpointing.")
     ] = True,
-    lut: Annotated[str | None, typer.Option(help="[approx-mult] multiplier.")] = None,
-    adc_bits: Annotated[int | None, typer.Option(help="[analog] ADC resolution.")] = None,
-    sc_length: Annotated[int | None, typer.Option(help="[sc] stream length.")] = None,
+    lut: Annotated[str | None, typer.Option(help="approx-mult: multiplier.")] = None,
+    adc_bits: Annotated[int | None, typer.Option(help="analog: ADC resolution.")] = None,
+    sc_length: Annotated[int | None, typer.Option(help="sc: stream length.")] = None,
     backend: Annotated[str | None, typer.Option(help="Emulation backend.")] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -671,7 +759,14 @@ def _print_layers(rows: list[dict[str, Any]], target: str) -> None:
     out.print(table)
 
 
+def _one_line_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+    """Warnings (e.g. a model fx cannot trace) as one line on stderr, not file:line + source."""
+    text = " ".join(str(message).split())
+    err.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
+    warnings.showwarning = _one_line_warning
     app()
 
 

@@ -6,6 +6,8 @@
 3. ``replace_layers``: each ``nn.Conv2d`` / ``nn.Linear`` not excluded becomes an approximate
    layer with its per-layer options (global < module type < name glob, like torch.ao's
    ``QConfigMapping``).
+4. ``not_called``: conv/linear modules that no module call reaches (a function reads their weight,
+   or the traced forward skips them) stay float and are listed in ``plan.unsupported`` with why.
 
 Models without functional call sites keep their class: layers are swapped inside a deep copy.
 """
@@ -100,18 +102,55 @@ def _unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
+class _PathTracer(fx.Tracer):
+    """fx's default tracer that also remembers in which submodule tracing failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed_in: str | None = None
+
+    def call_module(
+        self,
+        m: nn.Module,
+        forward: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module raises first
+                try:
+                    self.failed_in = self.path_of_module(m)
+                except NameError:  # a module that is not an attribute of the model
+                    self.failed_in = type(m).__name__
+            raise
+
+
 def trace(model: nn.Module) -> fx.GraphModule | None:
-    """fx graph of ``model``, or None (with a warning) when fx cannot trace it."""
+    """fx graph of ``model``, or None (with a warning) when fx cannot trace it.
+
+    The warning names the innermost submodule whose forward() could not be traced, and why.
+    """
+    tracer = _PathTracer()
     try:
-        return fx.symbolic_trace(model)
+        graph = tracer.trace(model)
     except Exception as exc:  # fx raises many exception types for untraceable code
+        where = (
+            f"in '{tracer.failed_in}'"
+            if tracer.failed_in
+            else f"in {type(model).__name__}.forward()"
+        )
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else ""
         warnings.warn(
-            f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {exc}); "
-            "converting nn.Conv2d/nn.Linear modules only — functional conv/linear calls, if any, "
-            "stay in float",
+            f"torch.fx could not trace {type(model).__name__} ({where}: "
+            f"{type(exc).__name__}: {reason}); converting nn.Conv2d/nn.Linear modules only — "
+            "functional conv/linear calls, if any, stay in float",
             stacklevel=3,
         )
         return None
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 def _functional_call_sites(gm: fx.GraphModule) -> list[fx.Node]:
@@ -212,6 +251,78 @@ def replace_layers(root: nn.Module, names: Iterable[str], plan: ConversionPlan) 
         plan.converted.append(name)
 
 
+def _describe_user(node: fx.Node) -> str:
+    if node.op == "call_function":
+        return f"{getattr(node.target, '__name__', node.target)}()"
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "call_module":
+        return f"module '{node.target}'"
+    return node.op
+
+
+def _calls_weights_itself(module: nn.Module) -> bool:
+    """Modules whose forward reads their children's weights instead of calling them."""
+    return isinstance(module, nn.MultiheadAttention)
+
+
+def not_called(
+    model: nn.Module, gm: fx.GraphModule | None, called: Iterable[str], plan: ConversionPlan
+) -> dict[str, str]:
+    """Conv2d/Linear modules of ``model`` that no module call reaches, each with the reason.
+
+    They keep computing in float: a function that reads the layer's weight itself (Swin's
+    ``shifted_window_attention``, ``nn.MultiheadAttention``'s ``out_proj``), or a branch the
+    traced forward never takes (GoogLeNet/Inception auxiliary classifiers in eval mode).
+    """
+    called = set(called)
+    users: dict[str, list[str]] = {}
+    shared: set[int] = set()  # weights that a called layer uses (functional calls, tied weights)
+    if gm is not None:
+        for name in called:
+            shared.add(id(getattr(gm.get_submodule(name), "weight", None)))
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                owner = str(node.target).rpartition(".")[0]
+                users.setdefault(owner, []).extend(_describe_user(u) for u in node.users)
+    found: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if (
+            not name
+            or not isinstance(module, tuple(MAPPING))
+            or isinstance(module, ApproxLayer)
+            or any(fnmatch.fnmatchcase(name, pattern) for pattern in plan.exclude)
+        ):
+            continue
+        parents = [name.rsplit(".", i)[0] for i in range(1, name.count(".") + 1)]
+        if gm is None:  # the module walk visits every layer; only known weight readers stay
+            owner = next(
+                (p for p in parents if _calls_weights_itself(model.get_submodule(p))), None
+            )
+            if owner is None:
+                continue
+        elif name in called or id(module.weight) in shared:
+            continue
+        else:
+            owner = next((p for p in parents if p in called), None)
+        if name in users:
+            found[name] = (
+                f"its weight is used directly by {', '.join(dict.fromkeys(users[name]))}, not "
+                "through the layer's forward(); that computation stays in float"
+            )
+        elif owner is not None:
+            found[name] = (
+                f"inside {type(model.get_submodule(owner)).__name__} '{owner}', which computes "
+                "with the layer's weight itself instead of calling the layer; stays in float"
+            )
+        else:
+            found[name] = (
+                "never called by the traced forward() (a branch the model skips in its current "
+                "mode, e.g. an auxiliary classifier in eval mode); stays in float"
+            )
+    return found
+
+
 def convert(
     model: nn.Module,
     target: str,
@@ -250,11 +361,14 @@ def convert(
         names = list(dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "call_module"))
     else:
         names = [n for n, _ in model.named_modules() if n]
-    replace_layers(result, names, plan)
+    skipped = not_called(model, gm, names, plan)
+    replace_layers(result, [n for n in names if n not in skipped], plan)
+    plan.unsupported.update(skipped)
     if not plan.converted:
         raise ApproxError(
             "no Conv2d or Linear layer was converted"
             + (f" (all excluded by {list(plan.exclude)})" if plan.excluded else "")
+            + "".join(f"; {name}: {why}" for name, why in list(plan.unsupported.items())[:3])
         )
     result.approx_plan = plan  # type: ignore[assignment]
     if example_inputs is not None:

@@ -6,6 +6,7 @@ thin layer of parsing and printing, and notebooks can run the same jobs.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -96,22 +97,68 @@ def _batches(loader: Iterable[Any], count: int, device: torch.device) -> Iterato
 
 
 def check_input_fits(model: nn.Module, bundle: DataBundle, device: torch.device) -> None:
-    """One clear line when the data's images do not fit the model (channels, size)."""
-    x = torch.zeros(2, bundle.in_channels, bundle.image_size, bundle.image_size, device=device)
+    """One clear line when the data's images do not fit the model (channels, size, classes)."""
+    shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
+    check_shape_fits(model, shape, bundle.num_classes, f"images from {bundle.name}", device)
+
+
+def check_shape_fits(
+    model: nn.Module, shape: tuple[int, ...], classes: int, what: str, device: torch.device
+) -> None:
+    """Run two zero images of ``shape`` (C, H, W) through ``model``: a clear error if it
+    cannot take them or does not output ``classes`` scores. A converted directory says which
+    input it was converted for."""
+    c, h, w = shape
+    built = _built_for(model)
+    if built is not None and built[0] != c:
+        hint = (
+            f"it was converted for {built[0]}-channel images: evaluate it on data with "
+            f"{built[0]} channel(s), or convert the model again for this data"
+        )
+    elif built is not None:
+        hint = f"it was converted for {built[1]}x{built[1]} images: add --image-size {built[1]}"
+    else:
+        hint = "use --image-size or a model built for this input"
+    x = torch.zeros(2, c, h, w, device=device)
     try:
         with torch.no_grad():
             out = model.eval()(x)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError, IndexError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ApproxError(
-            f"the model does not accept {bundle.in_channels}x{bundle.image_size}x"
-            f"{bundle.image_size} images from {bundle.name} ({str(exc).splitlines()[0]}); use "
-            "--image-size or a model built for this input"
+            f"the model does not accept {c}x{h}x{w} {what} ({reason}); {hint}"
         ) from None
-    if out.dim() != 2 or out.shape[1] != bundle.num_classes:
+    if out.dim() != 2 or out.shape[1] != classes:
         raise ApproxError(
-            f"the model outputs shape {tuple(out.shape[1:])} but {bundle.name} has "
-            f"{bundle.num_classes} classes"
+            f"the model outputs shape {tuple(out.shape[1:])} but the {what} have {classes} "
+            "classes; use a model (or weights) with that many classes"
         )
+
+
+def _built_for(model: nn.Module) -> tuple[int, int | None] | None:
+    """(channels, image size) a converted model's source was built for, when recorded."""
+    source = getattr(model, "approx_source", None)
+    kwargs = getattr(source, "kwargs", None) or {}
+    if "in_channels" not in kwargs:
+        return None
+    return int(kwargs["in_channels"]), kwargs.get("image_size")
+
+
+def check_out_dir(out: Path | None) -> None:
+    """Refuse an ``--out`` that cannot become a writable folder before any work is done."""
+    if out is None:
+        return
+    for path in (out, *out.parents):
+        if not path.exists():
+            continue
+        if not path.is_dir():
+            raise ApproxError(f"--out {out}: {path} is a file, not a folder; choose another --out")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ApproxError(
+                f"--out {out}: {path} is not writable (permission denied or a read-only file "
+                "system); fix its permissions or choose another --out"
+            )
+        return
 
 
 def layer_rows(model: nn.Module) -> list[dict[str, Any]]:
@@ -154,6 +201,7 @@ def convert_source(
             f"'{source}' is already converted; evaluate it with `approxctl eval {source}`"
         )
     dev = resolve_device(device)
+    check_out_dir(Path(out) if out is not None else None)
     bundle = data.load()
     converted, _, _ = prepare_model(
         source, target, bundle, dev, weights=weights, exclude=exclude, options=options,
@@ -235,6 +283,8 @@ def profile_source(
     if classify(source) == "dir":
         converted = io.load(source, trust_pickle=trust_pickle).to(dev)
         model_name = source
+        what = f"images from {data_name}" if input_shape is None else "--input-shape inputs"
+        check_shape_fits(converted, tuple(x.shape[1:]), classes, what, dev)
     else:
         if target is None:
             raise ApproxError("--target is required unless SOURCE is a converted directory")
@@ -288,6 +338,7 @@ def prepare_model(
             raise ApproxError(f"{source} was converted for target {stored}, not {target}")
         if options:
             raise ApproxError(f"{source} is already converted; target options cannot change")
+        check_input_fits(model, bundle, dev)
         return model, stored, source
     model, info = build_model(
         source, weights=weights, num_classes=None if weights else bundle.num_classes,
@@ -337,6 +388,7 @@ def eval_source(
         if mode not in MODES:
             raise ApproxError(f"unknown mode '{mode}'; choose from {', '.join(MODES)}")
     dev = resolve_device(device)
+    check_out_dir(Path(out) if out is not None else None)
     bundle = data.load()
     model, target_name, name = prepare_model(
         source, target, bundle, dev, weights=weights, exclude=exclude, options=options,
@@ -393,17 +445,21 @@ def train_source(
     from approxctl import distributed
     from approxctl.plots import convergence_plot, error_fit_plots
     from approxctl.report import train_markdown, write_report
-    from approxctl.targets import canonical_name
+    from approxctl.targets import canonical_name, make_config
     from approxctl.train import Trainer
 
     data = data or DataOptions()
     config.validate()
     target = canonical_name(target)
+    make_config(target, **(options or {}))  # bad options fail now, not after a pretrain epoch
     out_dir = Path(out) if out is not None else None
     if resume and out_dir is None:
         raise ApproxError("--resume needs --out: the directory of the run to continue")
     dev = resolve_device(device)
+    check_out_dir(out_dir)
     ctx = distributed.context(dev)
+    if out_dir is not None and ctx.is_main:  # what a killed run was writing when it died
+        io.remove_stale_temporaries(out_dir, ("checkpoints", "plots"))
     if ctx.enabled and dev.type == "cuda":
         dev = torch.device("cuda", ctx.local_rank)
     data.seed = config.seed
@@ -444,7 +500,10 @@ def train_source(
     if not ctx.is_main:  # rank 0 reports and writes; the others are done
         distributed.barrier(ctx)
         return {"rank": ctx.rank, "summary": summary}
-    fit_error_model(model, list(_batches(bundle.train, 2, dev)))  # final statistics, for plots
+    # Final statistics, for plots and model.safetensors, on batches that do not depend on how
+    # the run got here (uninterrupted, or resumed from any checkpoint).
+    bundle.train_generator.manual_seed(config.seed)
+    fit_error_model(model, list(_batches(bundle.train, 2, dev)))
     doc = {
         "model": name,
         "target": target,

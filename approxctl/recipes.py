@@ -38,7 +38,59 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         )
     if "options" in recipe and not isinstance(recipe["options"], dict):
         raise ApproxError(f"{path}: [options] must be a table of target options")
+    for key, value in recipe.items():
+        kind = _KINDS.get(key)
+        if kind is None:
+            continue
+        if key in ("mean", "std") and _is(value, "number"):
+            recipe[key] = value = [value]  # one value for every channel
+        if not _is(value, kind):
+            raise ApproxError(
+                f"{path}: {key} = {value!r} should be {_KIND_TEXT[kind]}; fix the recipe"
+            )
     return recipe
+
+
+# The value each recipe key takes (TOML already gives the types; a typo like lr = "0.1" is
+# refused here rather than deep inside training).
+_KINDS = {
+    **dict.fromkeys(
+        ("source", "target", "weights", "data", "optimizer", "scheduler", "device",
+         "description"),
+        "string",
+    ),
+    **dict.fromkeys(
+        ("image_size", "limit_train", "limit_val", "batch_size", "workers", "pretrain",
+         "epochs", "seed", "calib_per_epoch", "calib_every", "val_every"),
+        "integer",
+    ),
+    **dict.fromkeys(("finetune", "lr", "momentum", "weight_decay"), "number"),
+    **dict.fromkeys(("amp", "checkpointing"), "boolean"),
+    "exclude": "strings",
+    "mean": "numbers",
+    "std": "numbers",
+}  # fmt: skip
+_KIND_TEXT = {
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "strings": "a list of strings",
+    "numbers": "a number or a list of numbers",
+}
+
+
+def _is(value: Any, kind: str) -> bool:
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    item = "string" if kind == "strings" else "number"
+    return isinstance(value, list) and all(_is(v, item) for v in value)
 
 
 def pick(flag: Any, recipe: dict[str, Any], key: str, default: Any) -> Any:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from approxctl.io import atomic_write_text
+from approxctl.io import atomic_write_all
 
 
 def _pct(value: float) -> str:
@@ -52,8 +52,14 @@ def eval_markdown(doc: dict[str, Any]) -> str:
 
 
 def write_report(directory: Path, doc: dict[str, Any], markdown: str) -> None:
-    atomic_write_text(directory / "report.json", json.dumps(doc, indent=2, default=str) + "\n")
-    atomic_write_text(directory / "report.md", markdown)
+    """report.json and report.md, both or (when a write fails) neither."""
+    text = json.dumps(doc, indent=2, default=str) + "\n"
+    atomic_write_all(
+        [
+            (directory / "report.md", lambda tmp: tmp.write_text(markdown)),
+            (directory / "report.json", lambda tmp: tmp.write_text(text)),
+        ]
+    )
 
 
 COLUMNS = (

@@ -319,7 +319,7 @@ def _accepted(kind: str, factory: Any, kwargs: dict[str, Any]) -> dict[str, Any]
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def _import_class(path: str) -> Any:
+def import_object(path: str) -> Any:
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise ApproxError(f"import path '{path}' must look like package.module:ClassName")
@@ -356,7 +356,7 @@ def construct(info: SourceInfo) -> nn.Module:
 
         factory = functools.partial(torchvision.models.get_model, info.name, weights=None)
     elif info.kind == "import":
-        factory = _import_class(info.name)
+        factory = import_object(info.name)
     elif info.kind in ("onnx", "pickle"):
         raise ApproxError(
             f"a model from {info.kind} source '{info.name}' is rebuilt from its file, not by name"
@@ -441,7 +441,7 @@ def build_model(
 
         factory = torchvision.models.get_model_builder(source)
     else:
-        factory = _import_class(source)
+        factory = import_object(source)
     info = SourceInfo(kind, source, _accepted(kind, factory, wanted))
     model = construct(info)
     if state is not None:

@@ -201,13 +201,19 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         if not path.is_file():
-            raise ApproxError(f"cannot resume: {path} does not exist (no epoch finished yet?)")
+            raise ApproxError(
+                f"cannot resume: {path} does not exist (the run stopped before its first "
+                "checkpoint); run the same command without --resume"
+            )
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a truncated or foreign file
             raise ApproxError(
                 f"cannot resume: {path} is not a readable checkpoint ({exc})"
             ) from None
+        needed = ("model", "optimizer", "scheduler", "state", "config", "converted")
+        if not isinstance(payload, dict) or any(key not in payload for key in needed):
+            raise ApproxError(f"cannot resume: {path} is not an approxctl training checkpoint")
         saved = payload.get("config", {})
         for key in ("pretrain", "epochs", "finetune", "seed", "optimizer", "scheduler"):
             if saved.get(key) != getattr(self.config, key):
@@ -236,17 +242,31 @@ class Trainer:
                 break
             yield index, x.to(self.device), y.to(self.device)
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    def _diverged(self, what: str, where: str) -> ApproxError:
+        """Training stops at the first non-finite loss or weight; last.pt stays as it was."""
+        if self.checkpoint_path is None:
+            kept = "nothing was saved (no --out)"
+        elif self.state.history:
+            last = self.state.history[-1]
+            kept = f"{self.checkpoint_path} keeps the state after {last['phase']} epoch " + str(
+                last["epoch"]
+            )
+        else:
+            kept = f"{self.checkpoint_path} keeps the starting point"
+        return ApproxError(
+            f"training diverged: {what} in {where}; stopped, {kept}; lower --lr "
+            f"(now {self.config.lr:g}) and train again"
+        )
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, where: str = "") -> tuple[float, int]:
         assert self.optimizer is not None and self.scheduler is not None
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=self.config.amp):
             logits = self.train_model(x)
             loss = F.cross_entropy(logits.float(), y)
         if not torch.isfinite(loss):
-            raise ApproxError(
-                f"the training loss became {float(loss)}; lower --lr, or resume from the last "
-                "good checkpoint"
-            )
+            value = float(loss.detach())
+            raise self._diverged(f"the loss became {value}", where or "a training step")
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
@@ -273,7 +293,7 @@ class Trainer:
                 calib_seconds += time.perf_counter() - t0
                 calibrations += 1
                 self.model.train()
-            loss, hits = self._step(x, y)
+            loss, hits = self._step(x, y, f"{phase} epoch {epoch}, step {index + 1}/{planned}")
             loss_sum, correct, seen = loss_sum + loss, correct + hits, seen + y.numel()
             if self.progress:
                 self.progress(f"{phase} {epoch}", index + 1, planned)
@@ -348,6 +368,10 @@ class Trainer:
                 self._start_phase_optimizer(phase)
             for epoch in range(self.state.epoch_in_phase, len(parts)):
                 record = self._run_epoch(phase, mode, epoch + 1, parts[epoch])
+                broken = [n for n, t in self.model.named_parameters() if not t.isfinite().all()]
+                if broken:  # never checkpoint weights a last step turned into inf/nan
+                    where = f"{phase} epoch {epoch + 1}"
+                    raise self._diverged(f"the weights of {broken[0]} became non-finite", where)
                 last = epoch == len(parts) - 1
                 if (epoch + 1) % self.config.val_every == 0 or last:
                     val_mode = "float" if phase == "pretrain" else "exact"

@@ -29,11 +29,13 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     from approxctl.backends import registry
 
     original = registry.get
-    monkeypatch.setattr(
-        registry,
-        "get",
-        lambda name, device: original(request.param if name == "auto" else name, device),
-    )
+
+    def pick(name: str, device: torch.device) -> object:
+        # CUDA tensors keep "auto" (the GPU backend); the parameter picks the CPU backend.
+        forced = name == "auto" and torch.device(device).type == "cpu"
+        return original(request.param if forced else name, device)
+
+    monkeypatch.setattr(registry, "get", pick)
     return request.param
 
 

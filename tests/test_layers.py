@@ -186,6 +186,39 @@ def test_exact_mode_forward_is_exact_and_backward_is_the_proxy_gradient() -> Non
     assert grad_exact.abs().sum() > 0
 
 
+@pytest.mark.parametrize("target", ["sc", "analog"])
+def test_without_proxy_the_backward_is_the_plain_conv_gradient(target: str) -> None:
+    """--no-proxy (the paper's Table 2 baseline): same forward, linear-accumulation gradient."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 6, 6)  # signed input: the x- pass joins the gradient too
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    # A clamp T that some analog sums exceed, so that the two gradients must differ.
+    options = {"proxy_clamp": 20000.0} if target == "analog" else {}
+    with_proxy = _convert_one(conv, target, x, **options)
+    plain = _convert_one(conv, target, x, proxy=False, **options)
+    grads, outputs = [], []
+    for layer in (with_proxy, plain):
+        layer.set_mode("exact")
+        y = layer(x)
+        grads.append(torch.autograd.grad((y * y).sum(), layer.weight)[0])
+        outputs.append(y.detach())
+    assert torch.equal(outputs[0], outputs[1])
+    # The plain gradient: a float conv on the quantized operands, straight through the rounding.
+    q = plain.target.quantize(plain, x)
+    if target == "sc":
+        unit = 1.0 / (32**2 * float(q["a_step"]))
+        w = (q["w_pos"] - q["w_neg"]) * unit
+        z = plain.accumulate(q["a"], w) - plain.accumulate(q["a_neg"], w)
+    else:
+        w = q["w"] / q["a_step"]
+        z = plain.accumulate(q["a"], w) - plain.accumulate(q["a_neg"], w)
+    scale = plain.per_channel(plain.target.output_scale(plain, q))
+    linear = z * scale + plain.per_channel(plain.bias)
+    (expected,) = torch.autograd.grad((linear * plain(x).detach()).sum() * 2, plain.weight)
+    torch.testing.assert_close(grads[1], expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(grads[0], grads[1])
+
+
 # ---------------------------------------------------------------------- modes & errors
 def test_uncalibrated_or_unfitted_layers_say_what_to_do() -> None:
     model = approxctl.convert(nn.Sequential(nn.Linear(4, 2)), "sc")

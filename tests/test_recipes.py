@@ -20,6 +20,7 @@ def test_the_paper_setups_are_shipped() -> None:
         assert f"{target}-resnet18-imagenet.toml" in names
         for model in ("tinyconv", "resnet_tiny"):
             assert f"{model}-cifar10-{target}.toml" in names
+            assert f"{model}-fashion-mnist-{target}.toml" in names  # the quick starts
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)

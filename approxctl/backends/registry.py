@@ -1,8 +1,18 @@
-"""Backend lookup: a name (or "auto") and a device -> a module implementing the three ops."""
+"""Backend lookup: a name (or "auto") and a device -> a module implementing the three ops.
+
+"auto" takes the first backend in ``_BACKENDS`` order that runs on the device and imports:
+``cpu`` on CPU tensors, ``cupy`` on CUDA tensors when CuPy is installed, else ``torch``. The
+environment variable ``APPROXCTL_BACKEND`` (a backend name) overrides "auto" on the devices that
+backend runs on, e.g. ``APPROXCTL_BACKEND=torch`` forces the reference everywhere and
+``APPROXCTL_BACKEND=cupy`` makes a missing CuPy an error instead of a silent fallback. An
+explicit name (``--backend``, ``backend=``) always wins over the environment.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
+import os
 from types import ModuleType
 
 import torch
@@ -12,14 +22,18 @@ from approxctl.errors import ApproxError
 # name -> (module path, devices it runs on). Order is the "auto" preference, fastest first.
 _BACKENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "cpu": ("approxctl.backends.cpu", ("cpu",)),
+    "cupy": ("approxctl.backends.cupy_backend", ("cuda",)),
     "torch": ("approxctl.backends.torch_ref", ("cpu", "cuda")),
 }
+
+ENV_VAR = "APPROXCTL_BACKEND"
 
 
 def names() -> list[str]:
     return list(_BACKENDS)
 
 
+@functools.cache  # a failed import (no cupy) is not retried on every layer call
 def _load(name: str) -> ModuleType | None:
     try:
         return importlib.import_module(_BACKENDS[name][0])
@@ -30,6 +44,15 @@ def _load(name: str) -> ModuleType | None:
 def get(name: str, device: torch.device) -> ModuleType:
     """The backend module for ``name`` on ``device``; "auto" takes the first that is available."""
     if name == "auto":
+        forced = os.environ.get(ENV_VAR, "").strip().lower()
+        if forced and forced != "auto":
+            if forced not in _BACKENDS:
+                raise ApproxError(
+                    f"{ENV_VAR}={forced!r} is not a backend; choose one of: auto, "
+                    f"{', '.join(_BACKENDS)}"
+                )
+            if device.type in _BACKENDS[forced][1]:
+                return get(forced, device)
         for candidate, (_, devices) in _BACKENDS.items():
             if device.type in devices and (module := _load(candidate)) is not None:
                 return module

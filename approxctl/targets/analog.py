@@ -42,6 +42,8 @@ class AnalogConfig(TargetConfig):
     adc_calib: str = "mse"
     # T of the proxy clamp in products; None: adc_max x number of arrays.
     proxy_clamp: float | None = None
+    # False: the backward is the plain conv gradient (the paper's Table 2 "no activation").
+    proxy: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -145,6 +147,9 @@ class AnalogTarget(Target):
         scale = layer.per_channel(self.output_scale(layer, q))
 
         def act(a: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            if not self.config.proxy:  # linear accumulation, no clamp
+                z = layer.accumulate(a, w) * scale
+                return z if bias is None else z + bias
             z_pos, z_neg = layer.accumulate(a, w_pos), layer.accumulate(a, w_neg)
             return hardtanh_pair(z_pos, z_neg, t, scale, bias)
 

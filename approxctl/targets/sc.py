@@ -32,6 +32,9 @@ class ScConfig(TargetConfig):
     phase_a: tuple[int, int] = streams.DEFAULT_PHASE_A
     phase_b: tuple[int, int] = streams.DEFAULT_PHASE_B
     gain: float = 1.0
+    # False: the backward is the plain conv gradient of z_pos - z_neg (the paper's Table 2
+    # "no activation" column), not SC_act's.
+    proxy: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -78,6 +81,10 @@ class ScTarget(Target):
             neg_terms.append((q["a_neg"], w_pos))
         scale = layer.per_channel(self.output_scale(layer, q))
         bias = None if layer.bias is None else layer.per_channel(layer.bias)
+        if not self.config.proxy:  # linear accumulation: one conv of the signed weights
+            terms = [(x, wp - wn) for (x, wp), (_, wn) in zip(pos_terms, neg_terms, strict=True)]
+            z = layer.accumulate_terms(terms) * scale
+            return z if bias is None else z + bias
         z_pos, z_neg = layer.accumulate_terms(pos_terms), layer.accumulate_terms(neg_terms)
         return sc_activation(z_pos, z_neg, scale, bias)
 
@@ -115,4 +122,7 @@ class ScTarget(Target):
         return (layer.act_scale() / self.config.gain).detach()
 
     def describe(self, layer: ApproxLayer) -> dict[str, Any]:
-        return {"length": self.config.length, "gain": self.config.gain}
+        out: dict[str, Any] = {"length": self.config.length, "gain": self.config.gain}
+        if not self.config.proxy:
+            out["proxy"] = False
+        return out

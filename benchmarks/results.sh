@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Reproduces docs/results.md: the paper's Tables 2, 4/5 and 7 on Fashion-MNIST, for TinyConv and
+# ResNet-tiny on all three targets. Every column of one model starts from the same float weights,
+# trained by approxctl itself, and uses the same seed, data subset and epoch budget:
+#   inference only      the float weights evaluated on the hardware (exact mode)
+#   with model          EPOCHS + FINETUNE epochs with the exact emulation throughout
+#   error injection     EPOCHS epochs of error injection
+#   fine-tuning         the same run, then FINETUNE epochs with the exact emulation
+#   no proxy (Table 2)  "with model", but the backward is the plain conv gradient
+# Then: .venv/bin/python benchmarks/results_table.py runs/results > docs/results.md
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+OUT=${OUT:-runs/results}
+EPOCHS=${EPOCHS:-2}
+FINETUNE=${FINETUNE:-1}
+PRETRAIN=${PRETRAIN:-4}
+MODELS=${MODELS:-"tinyconv resnet_tiny"}
+TARGETS=${TARGETS:-"sc am analog"}
+COMMON=(--data fashion-mnist --limit-train "${LIMIT_TRAIN:-8192}" --limit-val "${LIMIT_VAL:-2000}"
+        --batch-size 128 --lr 0.01 --seed 0 --quiet --json)
+mkdir -p "$OUT"
+
+run() {  # run NAME ARGS...: one approxctl train, its JSON report kept as $OUT/NAME.json
+    local name=$1; shift
+    if [[ -s "$OUT/$name.json" ]]; then return; fi  # finished earlier: the script resumes
+    echo "== $name: approxctl train $*" >&2
+    "$BIN/approxctl" train "$@" "${COMMON[@]}" --out "$OUT/$name" > "$OUT/$name.json.tmp"
+    mv "$OUT/$name.json.tmp" "$OUT/$name.json"
+}
+
+total=$(python3 -c "print($EPOCHS + $FINETUNE)")
+for model in $MODELS; do
+    run "$model-float" "$model" --target am --pretrain "$PRETRAIN" --epochs 0 --finetune 0
+    weights="$OUT/$model-float/pretrained.safetensors"
+    for target in $TARGETS; do
+        run "$model-$target-inject" "$model" --target "$target" --weights "$weights" \
+            --epochs "$EPOCHS" --finetune "$FINETUNE"
+        run "$model-$target-exact" "$model" --target "$target" --weights "$weights" \
+            --epochs 0 --finetune "$total"
+        if [[ $target != am ]]; then
+            run "$model-$target-noproxy" "$model" --target "$target" --weights "$weights" \
+                --epochs 0 --finetune "$total" --no-proxy
+        fi
+    done
+done
