@@ -118,7 +118,15 @@ def check_shape_fits(
     elif built is not None:
         hint = f"it was converted for {built[1]}x{built[1]} images: add --image-size {built[1]}"
     else:
-        hint = "use --image-size or a model built for this input"
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if first is not None and first.in_channels != c:  # e.g. torchvision on Fashion-MNIST
+            hint = (
+                f"the model's first convolution takes {first.in_channels}-channel images but the "
+                f"data has {c}: use data with {first.in_channels} channel(s) or a model built "
+                f"for {c}"
+            )
+        else:
+            hint = "use --image-size or a model built for this input"
     x = torch.zeros(2, c, h, w, device=device)
     try:
         with torch.no_grad():

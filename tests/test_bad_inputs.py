@@ -545,3 +545,8 @@ def test_approx_json_cannot_make_loading_run_code(
     (directory / "approx.json").write_text(json.dumps(meta | {"source": source}))
     assert_one_line_error(_cli("eval", directory, "--data", "digits", "--quiet"), *fragments)
     assert not marker.exists()
+
+
+def test_a_three_channel_model_on_one_channel_data_names_the_channels() -> None:
+    result = _cli("eval", "resnet18", "--data", "digits", "--limit-val", "16", "--quiet")
+    assert_one_line_error(result, "takes 3-channel images but the data has 1")
