@@ -87,6 +87,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
+# Options several commands share, declared once so their flags and help read the same.
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
+TrustPickleOpt = Annotated[
+    bool, typer.Option(help="Allow pickled full modules (runs code from the file).")
+]
+LutOpt = Annotated[str | None, typer.Option(help="approx-mult: multiplier.")]
+AdcBitsOpt = Annotated[int | None, typer.Option(help="analog: ADC resolution.")]
+ScLengthOpt = Annotated[int | None, typer.Option(help="sc: stream length.")]
 
 
 def _fail(message: str) -> None:
@@ -308,10 +316,8 @@ def convert(
     limit_val: Annotated[
         int | None, typer.Option(help="Use the first N validation samples.")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
-    trust_pickle: Annotated[
-        bool, typer.Option(help="Allow pickled full modules (runs code from the file).")
-    ] = False,
+    device: DeviceOpt = "auto",
+    trust_pickle: TrustPickleOpt = False,
     sc_length: Annotated[int | None, typer.Option(help="sc: stream length L (16..256).")] = None,
     sc_phase: Annotated[
         str | None, typer.Option(help="sc: phase rules 'a,b:a,b' (activations:weights).")
@@ -320,7 +326,7 @@ def convert(
     lut: Annotated[
         str | None, typer.Option(help="approx-mult: bundled multiplier name or .npy table.")
     ] = None,
-    adc_bits: Annotated[int | None, typer.Option(help="analog: ADC resolution.")] = None,
+    adc_bits: AdcBitsOpt = None,
     array_size: Annotated[int | None, typer.Option(help="analog: inputs per array.")] = None,
     adc_calib: Annotated[
         str | None, typer.Option(help="analog: mse, max or percentile:P.")
@@ -447,14 +453,12 @@ def train(
         int | None, typer.Option(help="Use the first N validation samples.")
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
-    trust_pickle: Annotated[
-        bool, typer.Option(help="Allow pickled full modules (runs code from the file).")
-    ] = False,
-    sc_length: Annotated[int | None, typer.Option(help="sc: stream length.")] = None,
+    trust_pickle: TrustPickleOpt = False,
+    sc_length: ScLengthOpt = None,
     sc_phase: Annotated[str | None, typer.Option(help="sc: phase rules 'a,b:a,b'.")] = None,
     sc_gain: Annotated[float | None, typer.Option(help="sc: weight gain g.")] = None,
-    lut: Annotated[str | None, typer.Option(help="approx-mult: multiplier.")] = None,
-    adc_bits: Annotated[int | None, typer.Option(help="analog: ADC resolution.")] = None,
+    lut: LutOpt = None,
+    adc_bits: AdcBitsOpt = None,
     array_size: Annotated[int | None, typer.Option(help="analog: inputs per array.")] = None,
     proxy: Annotated[
         bool | None,
@@ -576,13 +580,11 @@ def eval_command(
     calib_batches: Annotated[
         int, typer.Option(help="Batches for calibration when converting.")
     ] = 8,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
-    trust_pickle: Annotated[
-        bool, typer.Option(help="Allow pickled full modules (runs code from the file).")
-    ] = False,
-    lut: Annotated[str | None, typer.Option(help="approx-mult: multiplier.")] = None,
-    adc_bits: Annotated[int | None, typer.Option(help="analog: ADC resolution.")] = None,
-    sc_length: Annotated[int | None, typer.Option(help="sc: stream length.")] = None,
+    device: DeviceOpt = "auto",
+    trust_pickle: TrustPickleOpt = False,
+    lut: LutOpt = None,
+    adc_bits: AdcBitsOpt = None,
+    sc_length: ScLengthOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -661,7 +663,7 @@ def profile(
         int, typer.Option(help="Timed steps per configuration (median reported).")
     ] = 7,
     warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 2,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    device: DeviceOpt = "auto",
     data: Annotated[
         str, typer.Option(help="Dataset for the batch (see convert).")
     ] = "fashion-mnist",
@@ -672,9 +674,9 @@ def profile(
     checkpointing: Annotated[
         bool, typer.Option(help="Also time with gradient checkpointing.")
     ] = True,
-    lut: Annotated[str | None, typer.Option(help="approx-mult: multiplier.")] = None,
-    adc_bits: Annotated[int | None, typer.Option(help="analog: ADC resolution.")] = None,
-    sc_length: Annotated[int | None, typer.Option(help="sc: stream length.")] = None,
+    lut: LutOpt = None,
+    adc_bits: AdcBitsOpt = None,
+    sc_length: ScLengthOpt = None,
     backend: Annotated[str | None, typer.Option(help="Emulation backend.")] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,63 +39,57 @@ def per_epoch(doc: dict[str, Any] | None, phase: str) -> str:
     return f"{sum(e['seconds'] for e in epochs) / sum(e['fraction'] for e in epochs):.1f}"
 
 
+def result(doc: dict[str, Any] | None, column: str) -> dict[str, Any] | None:
+    return doc["summary"].get(column) if doc else None
+
+
+def rows(folder: Path) -> Iterator[tuple[str, str, dict[str, Any | None]]]:
+    """(model, target label, its runs by kind) for every model/target with any run."""
+    for model in MODELS:
+        base = load(folder, f"{model}-float")
+        for target, label in TARGETS:
+            runs = {kind: load(folder, f"{model}-{target}-{kind}")
+                    for kind in ("inject", "exact", "noproxy")}  # fmt: skip
+            if runs["inject"] is None and runs["exact"] is None:
+                continue
+            yield model, label, {"float": base, "target": target, **runs}
+
+
 def main(folder: Path) -> None:
     print("### Table 4/5: top-1 on the Fashion-MNIST validation subset, exact emulation\n")
     print("| model | target | float | inference only | with model | error injection "
           "| fine-tuning | train time inject+FT / with model |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
-    for model in MODELS:
-        base = load(folder, f"{model}-float")
-        for target, label in TARGETS:
-            inj, exact = (
-                load(folder, f"{model}-{target}-inject"),
-                load(folder, f"{model}-{target}-exact"),
-            )
-            if inj is None and exact is None:
-                continue
-            s = inj["summary"] if inj else {}
-            ratio = "n/a"
-            if inj and exact:
-                ours = train_seconds(inj, "inject") + train_seconds(inj, "finetune")
-                ratio = f"{ours:.0f} s / {train_seconds(exact, 'finetune'):.0f} s"
-            print(
-                f"| {model} | {label} | {pct(base['summary'].get('float') if base else None)} "
-                f"| {pct(s.get('inference_only'))} "
-                f"| {pct(exact['summary'].get('with_model') if exact else None)} "
-                f"| {pct(s.get('error_injection'))} | {pct(s.get('fine_tuning'))} | {ratio} |"
-            )
+    for model, label, runs in rows(folder):
+        inj, exact = runs["inject"], runs["exact"]
+        ratio = "n/a"
+        if inj and exact:
+            ours = train_seconds(inj, "inject") + train_seconds(inj, "finetune")
+            ratio = f"{ours:.0f} s / {train_seconds(exact, 'finetune'):.0f} s"
+        print(
+            f"| {model} | {label} | {pct(result(runs['float'], 'float'))} "
+            f"| {pct(result(inj, 'inference_only'))} | {pct(result(exact, 'with_model'))} "
+            f"| {pct(result(inj, 'error_injection'))} | {pct(result(inj, 'fine_tuning'))} "
+            f"| {ratio} |"
+        )
     print("\n### Table 2: training with the exact model, with and without the proxy activation\n")
     print("| model | target | no proxy (plain gradient) | with proxy |")
     print("|---|---|---|---|")
-    for model in MODELS:
-        for target, label in TARGETS:
-            plain, exact = (
-                load(folder, f"{model}-{target}-noproxy"),
-                load(folder, f"{model}-{target}-exact"),
-            )
-            if (plain is None and exact is None) or target == "am":
-                continue
-            print(
-                f"| {model} | {label} "
-                f"| {pct(plain['summary'].get('with_model') if plain else None)} "
-                f"| {pct(exact['summary'].get('with_model') if exact else None)} |"
-            )
+    for model, label, runs in rows(folder):
+        if runs["target"] == "am" or (runs["noproxy"] is None and runs["exact"] is None):
+            continue
+        print(
+            f"| {model} | {label} | {pct(result(runs['noproxy'], 'with_model'))} "
+            f"| {pct(result(runs['exact'], 'with_model'))} |"
+        )
     print("\n### Table 7: seconds per training epoch (calibration included, validation not)\n")
     print("| model | target | float (no model) | error injection | with model / fine-tuning |")
     print("|---|---|---|---|---|")
-    for model in MODELS:
-        base = load(folder, f"{model}-float")
-        for target, label in TARGETS:
-            inj, exact = (
-                load(folder, f"{model}-{target}-inject"),
-                load(folder, f"{model}-{target}-exact"),
-            )
-            if inj is None and exact is None:
-                continue
-            print(
-                f"| {model} | {label} | {per_epoch(base, 'pretrain')} | {per_epoch(inj, 'inject')} "
-                f"| {per_epoch(exact, 'finetune')} |"
-            )
+    for model, label, runs in rows(folder):
+        print(
+            f"| {model} | {label} | {per_epoch(runs['float'], 'pretrain')} "
+            f"| {per_epoch(runs['inject'], 'inject')} | {per_epoch(runs['exact'], 'finetune')} |"
+        )
 
 
 if __name__ == "__main__":
