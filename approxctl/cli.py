@@ -768,7 +768,10 @@ def _one_line_warning(message: Any, category: Any, *args: Any, **kwargs: Any) ->
 
 
 def main() -> None:
+    from approxctl.runtime import keep_freed_memory
+
     warnings.showwarning = _one_line_warning
+    keep_freed_memory()
     app()
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from approxctl.errors import ApproxError
-from approxctl.noise import ChannelLayout, add_error, horner
+from approxctl.noise import ChannelLayout, NoiseSpec, add_error, horner
 
 # Samples kept per layer and per batch when recording type-1 statistics.
 SAMPLES_PER_BATCH = 1 << 16
@@ -101,14 +101,21 @@ class ErrorModel(nn.Module):
         raise NotImplementedError
 
     def inject(
-        self, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, layout: ChannelLayout
+        self,
+        y: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor,
+        layout: ChannelLayout,
+        *,
+        inplace: bool = False,
     ) -> torch.Tensor:
         """Outputs ``y = v * scale + bias`` plus the error drawn at v, times ``scale``.
 
         ``scale``/``bias`` broadcast per channel; the gradient passes straight through to y.
         """
-        mu, sigma, domain = self._polynomials()
-        return add_error(y, mu, sigma, domain, scale=scale, bias=bias, layout=layout)
+        return add_error(
+            y, self.noise_spec(), scale=scale, bias=bias, layout=layout, inplace=inplace
+        )
 
     def sample(self, v: torch.Tensor) -> torch.Tensor:
         """The error alone that ``inject`` would add at accumulator values ``v`` (tests, plots)."""
@@ -116,7 +123,8 @@ class ErrorModel(nn.Module):
         one, zero = torch.ones((), dtype=v.dtype), torch.zeros((), dtype=v.dtype)
         return (self.inject(flat, one, zero, ChannelLayout(1, 1)) - flat).view(v.shape)
 
-    def _polynomials(self) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+    def noise_spec(self) -> NoiseSpec:
+        """What ``inject`` draws from, for kernels that fuse the draw into other work."""
         raise NotImplementedError
 
     def stats(self) -> dict[str, object]:
@@ -141,8 +149,8 @@ class GaussianErrorModel(ErrorModel):
         self.mean.fill_(float(self.summary[0]))
         self.std.fill_(float(self.summary[1]))
 
-    def _polynomials(self) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
-        return self.mean.view(1), self.std.view(1), (-1.0, 1.0)  # constants: degree 0
+    def noise_spec(self) -> NoiseSpec:
+        return NoiseSpec(self.mean.view(1), self.std.view(1), -1.0, 1.0)  # constants: degree 0
 
     def stats(self) -> dict[str, object]:
         return {"kind": "gaussian", "mean": float(self.mean), "std": float(self.std)}
@@ -232,9 +240,9 @@ class PolynomialErrorModel(ErrorModel):
     def std_at(self, v: torch.Tensor) -> torch.Tensor:
         return horner(self.sigma_coef, self._window(v)).clamp_(min=0)
 
-    def _polynomials(self) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+    def noise_spec(self) -> NoiseSpec:
         lo, hi = self.domain.tolist()
-        return self.mu_coef, self.sigma_coef, (lo, hi)
+        return NoiseSpec(self.mu_coef, self.sigma_coef, lo, hi)
 
     def stats(self) -> dict[str, object]:
         return {

@@ -98,6 +98,10 @@ class ApproxLayer(nn.Module):
             y, scale = checkpoint(
                 self._proxy_output, x, use_reentrant=False, preserve_rng_state=False
             )
+        elif self.mode == "inject":
+            # The target draws the error in the same pass as its proxy activation.
+            q = self.target.quantize(self, x)
+            return self.target.proxy(self, q, noise=self.error_model.noise_spec())
         else:
             q = self.target.quantize(self, x)
             y, scale = self.target.proxy(self, q), self.target.output_scale(self, q)

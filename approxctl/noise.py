@@ -1,35 +1,39 @@
 """Drawing the injected error of ``inject`` mode (SPEC section 4) quickly and reproducibly.
 
-``add_error(y, ...)`` works on a layer's float outputs ``y = v * scale + bias`` (v in the
-accumulator domain, one scale and bias per channel) and returns
-``y + (mu(t) + max(sigma(t), 0) * eps) * scale`` with ``t = clamp(v)`` mapped onto the polynomials'
-window and ``eps ~ N(0, 1)``; the gradient passes straight through to ``y``.
+A layer's float outputs are ``y = v * scale + bias`` (v in the accumulator domain, one scale and
+bias per channel). The error drawn at v is ``mu(t) + max(sigma(t), 0) * eps``, t = clamp(v) mapped
+onto the polynomials' window [-1, 1], ``eps ~ N(0, 1)``, and it is added times ``scale``; the
+gradient passes straight through.
 
-On CPU one fused numba pass does it all. Its normal samples come from inverse-CDF sampling over
-2^16 equiprobable quantiles of N(0, 1) (rescaled to exactly unit variance), indexed by a counter
-hash of a seed drawn from torch's generator — so ``torch.manual_seed`` makes runs reproducible and
-threading cannot change them. The distribution is the normal one discretized to 65536 levels, with
-tails cut at 4.3 sigma (probability 2e-5). On other devices: torch.randn and torch ops.
+On CPU (float32) numba kernels draw it in the same pass that computes the proxy activation
+(``approxctl.proxy_ops``), or in one pass of its own (``add_error``). Their normal samples come
+from inverse-CDF sampling over 2^12 equiprobable quantiles of N(0, 1) (rescaled to exactly unit
+variance), picked by a 32-bit counter hash of the element's index and a key drawn from torch's
+generator, so ``torch.manual_seed`` makes runs reproducible and threading cannot change them. The
+distribution is the normal one discretized to 4096 levels, tails cut at 3.67 sigma (probability
+2.4e-4). On other devices and dtypes: torch.randn and torch ops.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 try:
-    from approxctl.backends import cpu_kernels
+    from approxctl.backends import cpu_pointwise
 except ImportError:  # numba missing: the torch path below serves every device
-    cpu_kernels = None  # type: ignore[assignment]
+    cpu_pointwise = None  # type: ignore[assignment]
 
 TABLE_BITS = 12
 
 
 @functools.cache
 def normal_quantiles() -> torch.Tensor:
-    """The 2^16 quantiles of N(0,1) at (j + 0.5) / 2^16, rescaled to zero mean, unit variance."""
+    """The 2^12 quantiles of N(0,1) at (j + 0.5) / 2^12, rescaled to zero mean, unit variance."""
     n = 1 << TABLE_BITS
     p = (torch.arange(n, dtype=torch.float64) + 0.5) / n
     q = torch.special.ndtri(p)
@@ -52,57 +56,106 @@ class ChannelLayout:
     inner: int  # elements per (sample, channel): H*W for a conv, 1 for a linear layer
 
 
-def _error_torch(
-    y: torch.Tensor,
-    mu_coef: torch.Tensor,
-    sigma_coef: torch.Tensor,
-    domain: tuple[float, float],
-    scale: torch.Tensor,
-    bias: torch.Tensor,
-) -> torch.Tensor:
-    lo, hi = domain
-    v = (y - bias) / scale
-    t = (v.clamp(lo, hi) - (lo + hi) / 2) * (2 / (hi - lo))
-    err = horner(sigma_coef, t).clamp_(min=0).mul_(torch.randn_like(t)).add_(horner(mu_coef, t))
-    return err * scale
+@dataclass(frozen=True)
+class NoiseSpec:
+    """An error model's polynomials (lowest order first) on the domain ``(lo, hi)`` of v.
+
+    The type-2 Gaussian model is the degree-0 case: constant mean and standard deviation.
+    """
+
+    mu_coef: torch.Tensor
+    sigma_coef: torch.Tensor
+    lo: float
+    hi: float
+
+    def __post_init__(self) -> None:
+        if not self.hi > self.lo:  # a degenerate domain: any window maps the constant value
+            object.__setattr__(self, "hi", self.lo + 1.0)
+
+    def kernel_args(self) -> tuple[Any, ...]:
+        """The noise arguments of the cpu_pointwise kernels, with a fresh key drawn from torch's
+        generator: (key, mu, sigma, lo, hi, quantile table, hash shift)."""
+        key = np.uint32(int(torch.randint(0, 2**32, (1,)).item()))
+        return (
+            key,
+            *padded_coefficients(self.mu_coef, self.sigma_coef),
+            np.float32(self.lo),
+            np.float32(self.hi),
+            normal_quantiles().numpy(),
+            np.uint32(32 - TABLE_BITS),
+        )
+
+    def draw_torch(self, v: torch.Tensor) -> torch.Tensor:
+        """The error at accumulator values ``v``, with torch ops (any device and dtype)."""
+        lo, hi = self.lo, self.hi
+        t = (v.clamp(lo, hi) - (lo + hi) / 2) * (2 / (hi - lo))
+        sigma = horner(self.sigma_coef, t).clamp_(min=0)
+        return sigma.mul_(torch.randn_like(t)).add_(horner(self.mu_coef, t))
+
+
+def padded_coefficients(*polys: torch.Tensor) -> list[np.ndarray]:
+    """float32 coefficient arrays of one common degree, a multiple of 4 (zeros on top), as the
+    kernels' four-coefficients-per-pass Horner loop takes them."""
+    degree = max(len(p) for p in polys) - 1
+    size = 4 * -(-degree // 4) + 1
+    out = []
+    for p in polys:
+        values = np.zeros(size, dtype=np.float32)
+        values[: len(p)] = p.detach().cpu().numpy()
+        out.append(values)
+    return out
+
+
+def channel_vector(t: torch.Tensor | float, channels: int) -> np.ndarray:
+    """A scalar or per-channel scale/bias as a contiguous float32 (C,) array for the kernels."""
+    t = torch.as_tensor(t)
+    return t.detach().float().reshape(-1).expand(channels).contiguous().cpu().numpy()
+
+
+def use_kernels(*tensors: torch.Tensor) -> bool:
+    """Whether the numba pointwise kernels serve these tensors (CPU float32)."""
+    return cpu_pointwise is not None and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors
+    )
 
 
 class _AddError(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, mu_coef, sigma_coef, lo, hi, scale, bias, layout):  # type: ignore[no-untyped-def]
-        if y.device.type == "cpu" and cpu_kernels is not None and y.dtype == torch.float32:
-            seed = int(torch.randint(0, 2**62, (1,)).item())  # torch's RNG drives the hash
-            flat = y.detach().contiguous().view(-1)
-            out = torch.empty_like(flat)
-
-            def vector(t: torch.Tensor) -> torch.Tensor:  # scalar or per-channel -> (C,)
-                return t.detach().float().reshape(-1).expand(layout.channels).contiguous()
-
-            cpu_kernels.add_poly_noise(
-                flat.numpy(), mu_coef.float().numpy(), sigma_coef.float().numpy(),
-                float(lo), float(hi), seed, normal_quantiles().numpy(),
-                vector(scale).numpy(), vector(bias).numpy(), layout.inner, out.numpy(),
+    def forward(ctx, y, spec, scale, bias, layout, inplace):  # type: ignore[no-untyped-def]
+        if use_kernels(y) and y.is_contiguous():
+            out = y if inplace else torch.empty_like(y)
+            if inplace:
+                ctx.mark_dirty(y)
+            cpu_pointwise.add_noise(
+                y.detach().view(-1).numpy(), *spec.kernel_args(),
+                channel_vector(scale, layout.channels), channel_vector(bias, layout.channels),
+                layout.inner, out.detach().view(-1).numpy(),
             )  # fmt: skip
-            return out.view(y.shape)
-        return y + _error_torch(y.detach(), mu_coef, sigma_coef, (lo, hi), scale, bias)
+            return out
+        v = (y.detach() - bias) / scale
+        err = spec.draw_torch(v) * scale
+        if inplace:
+            ctx.mark_dirty(y)
+            return y.add_(err)
+        return y + err
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def]
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def add_error(
     y: torch.Tensor,
-    mu_coef: torch.Tensor,
-    sigma_coef: torch.Tensor,
-    domain: tuple[float, float],
+    spec: NoiseSpec,
     *,
     scale: torch.Tensor,
     bias: torch.Tensor,
     layout: ChannelLayout,
+    inplace: bool = False,
 ) -> torch.Tensor:
-    """``y`` plus the drawn error; ``scale``/``bias`` broadcast against ``y`` per channel."""
-    lo, hi = domain
-    if hi <= lo:
-        hi = lo + 1.0
-    return _AddError.apply(y, mu_coef.cpu(), sigma_coef.cpu(), lo, hi, scale, bias, layout)
+    """``y`` plus the error drawn at ``v = (y - bias) / scale``, times ``scale``.
+
+    ``scale``/``bias`` broadcast against ``y`` per channel. ``inplace`` adds to ``y`` itself
+    (saving an allocation): only for a ``y`` that no autograd node saved for its backward.
+    """
+    return _AddError.apply(y, spec, scale, bias, layout, inplace)

@@ -2,14 +2,39 @@
 
 The proxies take the positive- and negative-weight accumulations and return float outputs
 ``act * scale + bias`` directly: one autograd node per layer, with the least saved state, instead
-of two activations, a subtraction and an affine map, each with its own saved tensors.
+of two activations, a subtraction and an affine map, each with its own saved tensors. In
+``inject`` mode they also add the injected error drawn at the activation's value (SPEC section 4).
+On CPU float32 tensors the forward and the backward are one numba pass each
+(``approxctl.backends.cpu_pointwise``); elsewhere they are composed torch ops.
 (The two accumulations are separate convolutions: oneDNN runs two convs with O outputs
 markedly faster than one with 2O for this project's layer shapes, measured on the CI CPU.)
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from approxctl.noise import (
+    TABLE_BITS,
+    ChannelLayout,
+    NoiseSpec,
+    channel_vector,
+    cpu_pointwise,
+    normal_quantiles,
+    use_kernels,
+)
+
+_NO_NOISE_DEGREE = np.zeros(1, dtype=np.float32)
+
+
+def _kernel_noise(noise: NoiseSpec | None) -> tuple[object, ...]:
+    if noise is not None:
+        return noise.kernel_args()
+    # Typed placeholders (numba compiles one specialization); the kernels skip the draw.
+    table = normal_quantiles().numpy()
+    return (np.uint32(0), _NO_NOISE_DEGREE, _NO_NOISE_DEGREE, np.float32(-1.0),
+            np.float32(1.0), table, np.uint32(32 - TABLE_BITS))  # fmt: skip
 
 
 def _affine_(out: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -17,41 +42,121 @@ def _affine_(out: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) 
     return out if bias is None else out.add_(bias)
 
 
+def _flat(t: torch.Tensor) -> np.ndarray:
+    return t.detach().view(-1).numpy()
+
+
+def _bias_grad(sums: torch.Tensor, channels: int, shape: torch.Size) -> torch.Tensor:
+    """The bias gradient from per-(sample, channel) sums of the output gradient."""
+    return sums.view(-1, channels).sum(0).view(shape)
+
+
 class _ScActivation(torch.autograd.Function):
-    """(SC_act * scale + bias) with SC_act = (1 - e^-z_pos) - (1 - e^-z_neg)."""
+    """(SC_act + error) * scale + bias with SC_act = (1 - e^-z_pos) - (1 - e^-z_neg)."""
 
     @staticmethod
-    def forward(ctx, z_pos, z_neg, scale, bias):  # type: ignore[no-untyped-def]
+    def forward(ctx, z_pos, z_neg, scale, bias, layout, noise):  # type: ignore[no-untyped-def]
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.layout = layout
+        ctx.fused = layout is not None and use_kernels(z_pos, z_neg)
+        if ctx.fused:
+            z_pos, z_neg = z_pos.contiguous(), z_neg.contiguous()
+            out, e_pos, e_neg = (torch.empty_like(z_pos) for _ in range(3))
+            channels = layout.channels
+            cpu_pointwise.sc_proxy_forward(
+                _flat(z_pos), _flat(z_neg), channel_vector(scale, channels),
+                channel_vector(0.0 if bias is None else bias, channels), layout.inner,
+                noise is not None, *_kernel_noise(noise), _flat(out), _flat(e_pos), _flat(e_neg),
+            )  # fmt: skip
+            ctx.save_for_backward(e_pos, e_neg, scale)
+            return out
         e_pos, e_neg = torch.exp(-z_pos), torch.exp(-z_neg)
         ctx.save_for_backward(e_pos, e_neg, scale)
-        ctx.bias_shape = None if bias is None else bias.shape
-        return _affine_(e_neg - e_pos, scale, bias)
+        v = e_neg - e_pos
+        if noise is not None:
+            v = v + noise.draw_torch(v)
+        return _affine_(v, scale, bias)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def]
         e_pos, e_neg, scale = ctx.saved_tensors
+        if ctx.fused and grad.dtype == torch.float32:
+            layout = ctx.layout
+            grad = grad.contiguous()
+            grad_pos, grad_neg = torch.empty_like(grad), torch.empty_like(grad)
+            sums = grad.new_empty(grad.numel() // layout.inner)
+            cpu_pointwise.sc_proxy_backward(
+                _flat(grad), _flat(e_pos), _flat(e_neg), channel_vector(scale, layout.channels),
+                layout.inner, _flat(grad_pos), _flat(grad_neg), sums.numpy(),
+            )  # fmt: skip
+            bias_grad = (
+                None if ctx.bias_shape is None
+                else _bias_grad(sums, layout.channels, ctx.bias_shape)
+            )  # fmt: skip
+            return grad_pos, grad_neg, None, bias_grad, None, None
         bias_grad = None if ctx.bias_shape is None else grad.sum_to_size(ctx.bias_shape)
         grad = grad * scale  # d/dz_pos = exp(-z_pos), d/dz_neg = -exp(-z_neg)
-        return grad * e_pos, -grad * e_neg, None, bias_grad
+        return grad * e_pos, -grad * e_neg, None, bias_grad, None, None
 
 
-class _HardTanhPair(torch.autograd.Function):
-    """(Analog_act * scale + bias) with Analog_act = clamp(z_pos, 0, T) - clamp(z_neg, 0, T)."""
+class _HardTanhPairs(torch.autograd.Function):
+    """(Analog_act + error) * scale + bias, Analog_act = clamp(z_pos, 0, T) - clamp(z_neg, 0, T)
+    of the positive inputs, minus the same of the negative inputs when given."""
 
     @staticmethod
-    def forward(ctx, z_pos, z_neg, t, scale, bias):  # type: ignore[no-untyped-def]
-        inside_pos = (z_pos >= 0) & (z_pos <= t)
-        inside_neg = (z_neg >= 0) & (z_neg <= t)
-        ctx.save_for_backward(inside_pos, inside_neg, scale)
+    def forward(ctx, t, scale, bias, layout, noise, *zs):  # type: ignore[no-untyped-def]
+        # zs: z_pos, z_neg of the positive inputs [, z_pos, z_neg of the negative inputs].
         ctx.bias_shape = None if bias is None else bias.shape
-        return _affine_(z_pos.clamp(0, t) - z_neg.clamp(0, t), scale, bias)
+        ctx.layout = layout
+        ctx.fused = layout is not None and use_kernels(*zs)
+        if ctx.fused:
+            zs = tuple(z.contiguous() for z in zs)
+            out = torch.empty_like(zs[0])
+            inside = torch.empty(zs[0].shape, dtype=torch.uint8)
+            channels = layout.channels
+            flat = [_flat(z) for z in zs]
+            cpu_pointwise.hardtanh_proxy_forward(
+                *(flat if len(flat) == 4 else flat * 2), len(flat) == 4, np.float32(t),
+                channel_vector(scale, channels),
+                channel_vector(0.0 if bias is None else bias, channels), layout.inner,
+                noise is not None, *_kernel_noise(noise), _flat(out), _flat(inside),
+            )  # fmt: skip
+            ctx.save_for_backward(inside, scale)
+            ctx.terms = len(zs)
+            return out
+        clamped = [z.clamp(0, t) for z in zs]
+        v = clamped[0] - clamped[1]
+        if len(zs) == 4:
+            v = v - (clamped[2] - clamped[3])
+        ctx.save_for_backward(*((z >= 0) & (z <= t) for z in zs), scale)
+        if noise is not None:
+            v = v + noise.draw_torch(v)
+        return _affine_(v, scale, bias)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def]
-        inside_pos, inside_neg, scale = ctx.saved_tensors
+        *masks, scale = ctx.saved_tensors
+        if ctx.fused and grad.dtype == torch.float32:
+            layout = ctx.layout
+            grad = grad.contiguous()
+            grads = [torch.empty_like(grad) for _ in range(ctx.terms)]
+            sums = grad.new_empty(grad.numel() // layout.inner)
+            flat = [_flat(g) for g in grads]
+            cpu_pointwise.hardtanh_proxy_backward(
+                _flat(grad), _flat(masks[0]), channel_vector(scale, layout.channels),
+                layout.inner, *(flat if len(flat) == 4 else flat * 2), len(flat) == 4,
+                sums.numpy(),
+            )  # fmt: skip
+            bias_grad = (
+                None if ctx.bias_shape is None
+                else _bias_grad(sums, layout.channels, ctx.bias_shape)
+            )  # fmt: skip
+            return None, None, bias_grad, None, None, *grads
         bias_grad = None if ctx.bias_shape is None else grad.sum_to_size(ctx.bias_shape)
         grad = grad * scale
-        return inside_pos * grad, -(inside_neg * grad), None, None, bias_grad
+        signs = (1.0, -1.0, -1.0, 1.0)
+        grads = [mask * (grad * sign) for mask, sign in zip(masks, signs, strict=False)]
+        return None, None, bias_grad, None, None, *grads
 
 
 class _ForwardValue(torch.autograd.Function):
@@ -73,10 +178,36 @@ class _ForwardValue(torch.autograd.Function):
 
 
 def sc_activation(
-    z_pos: torch.Tensor, z_neg: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    z_pos: torch.Tensor,
+    z_neg: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    layout: ChannelLayout | None = None,
+    noise: NoiseSpec | None = None,
 ) -> torch.Tensor:
-    """``scale`` and ``bias`` broadcast per output channel; ``scale`` carries no gradient."""
-    return _ScActivation.apply(z_pos, z_neg, scale, bias)
+    """``scale`` and ``bias`` broadcast per output channel; ``scale`` carries no gradient.
+
+    ``layout`` (how channels lie in the contiguous output) enables the fused CPU kernels;
+    ``noise`` adds the injected error drawn at the activation's value (inject mode).
+    """
+    return _ScActivation.apply(z_pos, z_neg, scale, bias, layout, noise)
+
+
+def hardtanh_pairs(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    t: float,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    layout: ChannelLayout | None = None,
+    noise: NoiseSpec | None = None,
+) -> torch.Tensor:
+    """Analog_act of ``pairs[0]`` = (z_pos, z_neg), minus that of ``pairs[1]`` if given (the
+    negative inputs' pass, SPEC 3.3), then (+ error) * scale + bias."""
+    if not 1 <= len(pairs) <= 2:
+        raise ValueError("hardtanh_pairs takes one or two (z_pos, z_neg) pairs")
+    return _HardTanhPairs.apply(t, scale, bias, layout, noise, *(z for pair in pairs for z in pair))
 
 
 def hardtanh_pair(
@@ -86,7 +217,7 @@ def hardtanh_pair(
     scale: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    return _HardTanhPair.apply(z_pos, z_neg, t, scale, bias)
+    return hardtanh_pairs([(z_pos, z_neg)], t, scale, bias)
 
 
 def straight_through(
@@ -96,7 +227,37 @@ def straight_through(
     return _ForwardValue.apply(proxy, exact.detach(), scale.detach(), bias.detach())
 
 
+class _FakeQuant(torch.autograd.Function):
+    """torch.fake_quantize_per_tensor_affine (zero point 0) in one numba pass each way."""
+
+    @staticmethod
+    def forward(ctx, x, step, qmin, qmax):  # type: ignore[no-untyped-def]
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        inside = torch.empty(x.shape, dtype=torch.uint8)
+        inv_step = np.float32(1.0) / np.float32(step)  # as ATen: float32 reciprocal
+        cpu_pointwise.fake_quant_forward(
+            _flat(x), inv_step, np.float32(step), np.float32(qmin), np.float32(qmax),
+            _flat(out), _flat(inside),
+        )  # fmt: skip
+        ctx.save_for_backward(inside)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        (inside,) = ctx.saved_tensors
+        if grad.dtype != torch.float32:
+            return grad * inside, None, None, None
+        grad = grad.contiguous()
+        out = torch.empty_like(grad)
+        cpu_pointwise.masked_grad(_flat(grad), _flat(inside), _flat(out))
+        return out, None, None, None
+
+
 def fake_quant(x: torch.Tensor, step: float, qmin: int, qmax: int) -> torch.Tensor:
-    """``clamp(round(x / step), qmin, qmax) * step`` in one fused kernel, straight-through
-    gradient inside the range (torch.fake_quantize_per_tensor_affine)."""
+    """``clamp(round(x / step), qmin, qmax) * step`` in one fused pass, straight-through
+    gradient inside the range: torch.fake_quantize_per_tensor_affine's arithmetic, bit for bit
+    (numba kernels on CPU float32, the torch op elsewhere)."""
+    if use_kernels(x):
+        return _FakeQuant.apply(x, step, qmin, qmax)
     return torch.fake_quantize_per_tensor_affine(x, step, 0, qmin, qmax)

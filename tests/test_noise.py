@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numba
+import numpy as np
 import pytest
 import torch
 
 from approxctl import noise
-from approxctl.noise import ChannelLayout, add_error, normal_quantiles
-from approxctl.proxy_ops import hardtanh_pair, sc_activation, straight_through
+from approxctl.backends import cpu_pointwise
+from approxctl.noise import ChannelLayout, NoiseSpec, add_error, normal_quantiles
+from approxctl.proxy_ops import hardtanh_pair, hardtanh_pairs, sc_activation, straight_through
 
 
 def test_quantile_table_is_a_standard_normal() -> None:
@@ -24,9 +26,10 @@ def _draw(y: torch.Tensor, mu: list[float], sigma: list[float], **kwargs) -> tor
     bias = kwargs.pop("bias", torch.zeros(()))
     layout = kwargs.pop("layout", ChannelLayout(1, 1))
     domain = kwargs.pop("domain", (-1.0, 1.0))
-    mu_t = torch.tensor(mu, dtype=torch.float64)
-    sigma_t = torch.tensor(sigma, dtype=torch.float64)
-    return add_error(y, mu_t, sigma_t, domain, scale=scale, bias=bias, layout=layout)
+    spec = NoiseSpec(
+        torch.tensor(mu, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64), *domain
+    )
+    return add_error(y, spec, scale=scale, bias=bias, layout=layout, **kwargs)
 
 
 def test_constant_model_has_the_asked_mean_std_and_gaussian_shape() -> None:
@@ -63,7 +66,7 @@ def test_cpu_kernel_and_torch_path_agree_in_distribution(monkeypatch: pytest.Mon
     y = torch.linspace(-1, 1, 1 << 20)
     torch.manual_seed(2)
     fast = _draw(y, [0.0, 0.3], [0.1, 0.05]) - y
-    monkeypatch.setattr(noise, "cpu_kernels", None)
+    monkeypatch.setattr(noise, "cpu_pointwise", None)
     torch.manual_seed(2)
     slow = _draw(y, [0.0, 0.3], [0.1, 0.05]) - y
     for lo, hi in ((-1.0, -0.5), (0.5, 1.0)):
@@ -126,3 +129,131 @@ def test_straight_through_forwards_the_value_exactly() -> None:
     out.relu_()  # in-place ops after a layer (ReLU(inplace=True)) must work
     (out * 3).sum().backward()
     assert torch.equal(proxy.grad, torch.where(out > 0, 3.0, 0.0))
+
+
+def test_in_place_draw_equals_the_out_of_place_one() -> None:
+    y = torch.randn(3, 4, 50)
+    layout, scale = ChannelLayout(4, 50), torch.tensor([1.0, 2.0, 0.5, 3.0]).view(1, 4, 1)
+    torch.manual_seed(3)
+    fresh = _draw(y, [0.1, 0.2], [0.3, 0.1], scale=scale, layout=layout)
+    torch.manual_seed(3)
+    same = y.clone()
+    out = _draw(same, [0.1, 0.2], [0.3, 0.1], scale=scale, layout=layout, inplace=True)
+    assert out.data_ptr() == same.data_ptr()
+    assert torch.equal(out, fresh)
+
+
+# ------------------------------------------------------- fused CPU proxy kernels
+def test_kernel_exp_is_accurate_over_the_whole_range() -> None:
+    """The kernels' own exp(-z), read from the e+ it keeps for the backward."""
+    z = np.concatenate([np.linspace(0, 90, 200_001), [-1e-3, 0.0, 1e-30, 1e-7, np.inf]])
+    z = z.astype(np.float32)
+    e_pos, e_neg, out = np.empty_like(z), np.empty_like(z), np.empty_like(z)
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+    cpu_pointwise.sc_proxy_forward(
+        z, z, one, zero, 1, False, np.uint32(0), zero, zero, np.float32(-1), np.float32(1),
+        normal_quantiles().numpy(), np.uint32(20), out, e_pos, e_neg,
+    )  # fmt: skip
+    expected = np.exp(-np.maximum(z.astype(np.float64), 0))
+    normal = z <= 87  # beyond, the kernel returns about 1.6e-38 (true values < 1.7e-38)
+    rel = np.abs(e_pos - expected)[normal] / expected[normal]
+    assert rel.max() < 1.5e-7  # about 1 ulp of float32
+    assert e_pos[~normal].max() < 1.7e-38
+    assert e_pos[-4] == 1.0  # exp(-0) = 1 exactly
+    assert 0 <= e_pos[-1] < 2e-38 and np.array_equal(out, e_neg - e_pos)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_sc_activation_equals_the_torch_path(monkeypatch: pytest.MonkeyPatch, bias: bool) -> None:  # noqa: E501
+    torch.manual_seed(0)
+    z_pos = (torch.rand(4, 3, 5, 7) * 3).requires_grad_()
+    z_neg = (torch.rand(4, 3, 5, 7) * 3).requires_grad_()
+    scale = torch.tensor([0.5, 1.0, 2.0]).view(1, 3, 1, 1)
+    b = torch.randn(1, 3, 1, 1, requires_grad=True) if bias else None
+    layout = ChannelLayout(3, 35)
+    grad = torch.randn(4, 3, 5, 7)
+
+    def run() -> list[torch.Tensor]:
+        for t in (z_pos, z_neg, b):
+            if t is not None:
+                t.grad = None
+        out = sc_activation(z_pos, z_neg, scale, b, layout=layout)
+        out.backward(grad)
+        grads = [z_pos.grad, z_neg.grad] + ([b.grad] if b is not None else [])
+        return [out.detach(), *grads]
+
+    fused = run()
+    monkeypatch.setattr(noise, "cpu_pointwise", None)
+    monkeypatch.setattr("approxctl.proxy_ops.use_kernels", lambda *t: False)
+    reference = run()
+    for got, expected in zip(fused, reference, strict=True):
+        torch.testing.assert_close(got, expected, rtol=2e-6, atol=2e-6)
+
+
+def test_fused_sc_activation_draws_the_same_error_as_add_error() -> None:
+    """With scale 1 and bias 0 the fused draw is bit for bit the proxy plus add_error's draw."""
+    z_pos, z_neg = torch.rand(2, 3, 40) * 2, torch.rand(2, 3, 40) * 2
+    layout, one = ChannelLayout(3, 40), torch.ones(())
+    spec = NoiseSpec(torch.tensor([0.1, -0.2, 0.05]), torch.tensor([0.2, 0.1]), -0.8, 0.9)
+    torch.manual_seed(5)
+    fused = sc_activation(z_pos, z_neg, one, None, layout=layout, noise=spec)
+    plain = sc_activation(z_pos, z_neg, one, None, layout=layout)
+    torch.manual_seed(5)
+    separate = add_error(plain, spec, scale=one, bias=torch.zeros(()), layout=layout)
+    assert torch.equal(fused, separate)
+    assert not torch.equal(fused, plain)
+
+
+@pytest.mark.parametrize("pairs", [1, 2])
+def test_fused_hardtanh_pairs_equal_the_torch_path(monkeypatch: pytest.MonkeyPatch, pairs: int) -> None:  # noqa: E501
+    torch.manual_seed(1)
+    zs = [(torch.rand(3, 4, 6, 6) * 5 - 1).requires_grad_() for _ in range(2 * pairs)]
+    zs[0].data[0, 0, 0, :3] = torch.tensor([0.0, 2.5, -0.0])  # the clamp's edges are inside
+    scale = torch.tensor([0.5, 1.0, 2.0, 4.0]).view(1, 4, 1, 1)
+    bias = torch.randn(1, 4, 1, 1, requires_grad=True)
+    grad = torch.randn(3, 4, 6, 6)
+
+    def run() -> list[torch.Tensor]:
+        for t in (*zs, bias):
+            t.grad = None
+        out = hardtanh_pairs(
+            [(zs[2 * i], zs[2 * i + 1]) for i in range(pairs)], 2.5, scale, bias,
+            layout=ChannelLayout(4, 36),
+        )  # fmt: skip
+        out.backward(grad)
+        return [out.detach(), bias.grad, *(z.grad for z in zs)]
+
+    fused = run()
+    monkeypatch.setattr("approxctl.proxy_ops.use_kernels", lambda *t: False)
+    reference = run()
+    for got, expected in zip(fused, reference, strict=True):
+        torch.testing.assert_close(got, expected, rtol=2e-6, atol=2e-6)
+
+
+def test_fused_kernels_serve_linear_layouts() -> None:
+    z_pos, z_neg = torch.rand(5, 7), torch.rand(5, 7)
+    scale, bias = torch.rand(7) + 0.5, torch.randn(7)
+    out = sc_activation(z_pos, z_neg, scale, bias, layout=ChannelLayout(7, 1))
+    expected = (torch.exp(-z_neg) * -1 + torch.exp(-z_pos) * 0 + 1 - 1 + torch.exp(-z_neg)) * 0
+    expected = ((1 - torch.exp(-z_pos)) - (1 - torch.exp(-z_neg))) * scale + bias
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert cpu_pointwise is not None
+
+
+def test_fake_quant_kernel_equals_torch_bit_for_bit() -> None:
+    from approxctl.proxy_ops import fake_quant
+
+    step = 0.037
+    x = torch.cat([
+        torch.randn(100_000) * 5,
+        torch.arange(-300, 301) * step,  # exact multiples
+        (torch.arange(-300, 300) + 0.5) * step,  # ties (up to float rounding of x / step)
+        torch.tensor([0.0, -0.0, 1e-30, -1e30, 1e30]),
+    ]).requires_grad_()  # fmt: skip
+    for qmin, qmax in ((0, 32), (-127, 127), (0, 255)):
+        got = fake_quant(x, step, qmin, qmax)
+        (grad_got,) = torch.autograd.grad(got, x, torch.arange(x.numel()).float())
+        expected = torch.fake_quantize_per_tensor_affine(x, step, 0, qmin, qmax)
+        (grad_expected,) = torch.autograd.grad(expected, x, torch.arange(x.numel()).float())
+        assert torch.equal(got, expected)
+        assert torch.equal(grad_got, grad_expected)

@@ -18,7 +18,8 @@ import torch
 from approxctl.backends import registry, torch_ref
 from approxctl.errors import ApproxError
 from approxctl.functional import validate_analog_params
-from approxctl.proxy_ops import fake_quant, hardtanh_pair
+from approxctl.noise import NoiseSpec
+from approxctl.proxy_ops import fake_quant, hardtanh_pairs
 from approxctl.targets.base import Target, TargetConfig, ste_round
 
 if TYPE_CHECKING:
@@ -139,24 +140,26 @@ class AnalogTarget(Target):
             return float(self.config.proxy_clamp)
         return float(layer.adc_max) * self.arrays(layer)
 
-    def proxy(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
+    def proxy(
+        self, layer: ApproxLayer, q: dict[str, torch.Tensor], noise: NoiseSpec | None = None
+    ) -> torch.Tensor:
         """Analog_act = HardTanh pair on the positive- and negative-weight accumulations."""
-        t = self._clamp_t(layer)
         w = q["w"] / q["a_step"]  # activations arrive as q_a * step: sums come in products
-        w_pos, w_neg = w.clamp(min=0), (-w).clamp(min=0)
         scale = layer.per_channel(self.output_scale(layer, q))
-
-        def act(a: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-            if not self.config.proxy:  # linear accumulation, no clamp
-                z = layer.accumulate(a, w) * scale
-                return z if bias is None else z + bias
-            z_pos, z_neg = layer.accumulate(a, w_pos), layer.accumulate(a, w_neg)
-            return hardtanh_pair(z_pos, z_neg, t, scale, bias)
-
-        out = act(q["a"], None if layer.bias is None else layer.per_channel(layer.bias))
-        if "a_neg" in q:  # negative inputs: the same array pass on x-, subtracted
-            out = out - act(q["a_neg"], None)
-        return out
+        bias = None if layer.bias is None else layer.per_channel(layer.bias)
+        inputs = [q["a"]] + ([q["a_neg"]] if "a_neg" in q else [])
+        if not self.config.proxy:  # linear accumulation, no clamp
+            z = layer.accumulate(inputs[0], w)
+            if len(inputs) == 2:  # negative inputs: the same array pass on x-, subtracted
+                z = z - layer.accumulate(inputs[1], w)
+            z = z * scale
+            return self.add_noise(layer, z if bias is None else z + bias, q, noise)
+        w_pos, w_neg = w.clamp(min=0), (-w).clamp(min=0)
+        pairs = [(layer.accumulate(a, w_pos), layer.accumulate(a, w_neg)) for a in inputs]
+        return hardtanh_pairs(
+            pairs, self._clamp_t(layer), scale, bias,
+            layout=layer.channel_layout(pairs[0][0]), noise=noise,
+        )  # fmt: skip
 
     def exact(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
         adc_max = int(layer.adc_max)

@@ -16,6 +16,7 @@ import torch
 
 from approxctl import luts
 from approxctl.backends import registry
+from approxctl.noise import NoiseSpec
 from approxctl.proxy_ops import fake_quant
 from approxctl.targets.base import Target, TargetConfig, ste_round
 
@@ -74,11 +75,13 @@ class ApproxMultTarget(Target):
             "w_scale": w_scale,
         }
 
-    def proxy(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
+    def proxy(
+        self, layer: ApproxLayer, q: dict[str, torch.Tensor], noise: NoiseSpec | None = None
+    ) -> torch.Tensor:
         """The plain accumulation of the quantized operands, in float units: the float layer
         on fake-quantized activations (q_a * step) and weights (q_w * w_scale)."""
         w = q["w"] * q["w_scale"].view(-1, *([1] * (q["w"].dim() - 1)))
-        return layer.accumulate(q["a"], w, layer.bias)
+        return self.add_noise(layer, layer.accumulate(q["a"], w, layer.bias), q, noise)
 
     def exact(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
         ints = self.integer_operands(q)

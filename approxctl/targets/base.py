@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from approxctl.errors import ApproxError
+from approxctl.noise import NoiseSpec, add_error
 
 if TYPE_CHECKING:
     from approxctl.layers import ApproxLayer
@@ -130,9 +131,30 @@ class Target(ABC):
         return ints
 
     @abstractmethod
-    def proxy(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
+    def proxy(
+        self, layer: ApproxLayer, q: dict[str, torch.Tensor], noise: NoiseSpec | None = None
+    ) -> torch.Tensor:
         """The differentiable proxy of the layer's accumulation, as float outputs
-        ``proxy_acc * output_scale + bias``."""
+        ``proxy_acc * output_scale + bias``; with ``noise`` (inject mode), plus the error drawn
+        at ``proxy_acc``, times ``output_scale``, its gradient passing straight through."""
+
+    def add_noise(
+        self,
+        layer: ApproxLayer,
+        y: torch.Tensor,
+        q: dict[str, torch.Tensor],
+        noise: NoiseSpec | None,
+    ) -> torch.Tensor:
+        """``y`` plus the injected error, for proxies that do not draw it themselves. Adds in
+        place: ``y`` must be a fresh output that no autograd node saved (a conv's is not)."""
+        if noise is None:
+            return y
+        scale = layer.per_channel(self.output_scale(layer, q))
+        bias = layer.per_channel(layer.bias.detach()) if layer.bias is not None else 0.0
+        layout = layer.channel_layout(y)
+        return add_error(
+            y, noise, scale=scale, bias=torch.as_tensor(bias), layout=layout, inplace=True
+        )
 
     @abstractmethod
     def exact(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:

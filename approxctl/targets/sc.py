@@ -17,6 +17,7 @@ import torch
 from approxctl import streams
 from approxctl.backends import registry
 from approxctl.errors import ApproxError
+from approxctl.noise import NoiseSpec
 from approxctl.proxy_ops import fake_quant, sc_activation
 from approxctl.targets.base import Target, TargetConfig, ste_round
 
@@ -65,7 +66,9 @@ class ScTarget(Target):
             q["a_neg"] = fake_quant(-x, step, 0, length)
         return q
 
-    def proxy(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
+    def proxy(
+        self, layer: ApproxLayer, q: dict[str, torch.Tensor], noise: NoiseSpec | None = None
+    ) -> torch.Tensor:
         """SC_act = (1 - exp(-x_pos)) - (1 - exp(-x_neg)) on the normalized accumulations.
 
         x_pos = sum_k (q_a / L)(q_w+ / L); the activations arrive as q_a * step, so the weights
@@ -84,9 +87,10 @@ class ScTarget(Target):
         if not self.config.proxy:  # linear accumulation: one conv of the signed weights
             terms = [(x, wp - wn) for (x, wp), (_, wn) in zip(pos_terms, neg_terms, strict=True)]
             z = layer.accumulate_terms(terms) * scale
-            return z if bias is None else z + bias
+            return self.add_noise(layer, z if bias is None else z + bias, q, noise)
         z_pos, z_neg = layer.accumulate_terms(pos_terms), layer.accumulate_terms(neg_terms)
-        return sc_activation(z_pos, z_neg, scale, bias)
+        layout = layer.channel_layout(z_pos)
+        return sc_activation(z_pos, z_neg, scale, bias, layout=layout, noise=noise)
 
     def exact(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
         cfg = self.config

@@ -1,0 +1,335 @@
+"""numba kernels for the pointwise work of ``exact`` and ``inject`` mode on CPU.
+
+A proxy activation composed of torch ops costs one pass over the layer output per op (negate,
+exponentiate, subtract, scale, add bias, draw the error, add it; then as many again for the
+gradients), and most of those passes allocate. These kernels do the forward in one pass and the
+backward in one pass, which is what makes error injection cheap (paper section 3.2) on a CPU whose
+float step is itself only a few convolutions.
+
+Every kernel walks a contiguous output as channel-major segments: ``inner`` elements per (sample,
+channel), channel ``c = segment mod channels``, with one output scale and bias per channel. Work is
+split into blocks of ``BLOCK`` elements inside a segment, so loops over a block vectorize.
+
+The injected error (SPEC section 4) at accumulator value v is ``mu(t) + max(sigma(t), 0) * eps``,
+t = clamp(v, lo, hi) mapped onto [-1, 1], mu and sigma polynomials (lowest order first; degree 0
+for the type-2 Gaussian model). eps is an inverse-CDF sample: a 32-bit counter hash of the
+element's index and a seed picks one of the equiprobable quantiles of N(0, 1) in ``table``, so the
+draw is reproducible and does not depend on the number of threads.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+BLOCK = 2048
+CHUNKS = 64  # parallel tasks per kernel call (the scratch of each is allocated once)
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+@numba.njit(inline="always")
+def _lowbias32(x: np.uint32) -> np.uint32:
+    """Chris Wellons' lowbias32 integer hash. numba widens 32-bit arithmetic to 64 bits, so
+    every step is truncated back; in 32-bit lanes the loop then vectorizes 8 wide."""
+    x = np.uint32(x ^ (x >> np.uint32(16)))
+    x = np.uint32(x * np.uint32(0x7FEB352D))
+    x = np.uint32(x ^ (x >> np.uint32(15)))
+    x = np.uint32(x * np.uint32(0x846CA68B))
+    return np.uint32(x ^ (x >> np.uint32(16)))
+
+
+@numba.njit(inline="always")
+def _draw_error(v, start, key, mu_coef, sigma_coef, lo, hi, table, shift, t, sd, err, hashes):  # type: ignore[no-untyped-def]
+    """The error drawn at accumulator value v[i] for element ``start + i`` of the output is
+    ``err[i] + max(sd[i], 0) * t[i]`` afterwards (mu, sigma and eps; callers fold the sum into
+    their output pass).
+
+    ``v``, ``t``, ``sd``, ``err`` are slices of the block's length m; ``hashes`` (uint32, at
+    least (m + 1) // 2) is scratch. One hash of ``start + i`` serves
+    elements i (its low bits) and (m + 1) // 2 + i (its high bits) of the block; the hash
+    inputs of a block lie inside its own index range, so no two blocks share one. (Loops index
+    slices from 0: numba cannot prove ``start + i`` non-negative, and the wraparound check it
+    adds to such accesses stops loops from vectorizing.)
+    """
+    m = v.shape[0]
+    mid = np.float32(0.5) * (lo + hi)
+    inv_half = np.float32(2.0) / (hi - lo)
+    # Both polynomials have the same degree, a multiple of 4 (padded with zero coefficients by
+    # the caller), so Horner's rule runs four coefficients per pass over the block: with one
+    # coefficient per pass, loads and stores, not arithmetic, would bound the loop.
+    deg = mu_coef.shape[0] - 1
+    top_mu, top_sigma = mu_coef[deg], sigma_coef[deg]
+    for i in range(m):
+        t[i] = (min(max(v[i], lo), hi) - mid) * inv_half
+        err[i] = top_mu
+        sd[i] = top_sigma
+    for j in range(deg - 1, -1, -4):
+        m0, m1, m2, m3 = mu_coef[j], mu_coef[j - 1], mu_coef[j - 2], mu_coef[j - 3]
+        s0, s1, s2, s3 = sigma_coef[j], sigma_coef[j - 1], sigma_coef[j - 2], sigma_coef[j - 3]
+        for i in range(m):
+            x = t[i]
+            err[i] = (((err[i] * x + m0) * x + m1) * x + m2) * x + m3
+            sd[i] = (((sd[i] * x + s0) * x + s1) * x + s2) * x + s3
+    # The index's high half (0 below 2^32 elements) goes into the salt, once per block.
+    high = (np.uint64(start) >> np.uint64(32)) * np.uint64(0x85EBCA6B)
+    salt = np.uint32((key ^ high) & _MASK32)
+    low = np.uint32(np.uint64(start) & _MASK32)
+    half = (m + 1) // 2
+    for i in range(half):
+        hashes[i] = _lowbias32(np.uint32(salt ^ np.uint32(low + np.uint32(i))))
+    low_bits = np.uint32(table.shape[0] - 1)  # the table has 2^(32 - shift) entries
+    for i in range(half):  # t is free again: it holds eps from here on
+        t[i] = table[hashes[i] & low_bits]
+    for i in range(m - half):
+        t[half + i] = table[hashes[i] >> np.uint32(shift)]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
+def add_noise(y, key, mu_coef, sigma_coef, lo, hi, table, shift, scale, bias, inner, out):  # type: ignore[no-untyped-def]
+    """out = y + error(v) * scale[c], v = (y - bias[c]) / scale[c]. ``out`` may be ``y``."""
+    n = y.shape[0]
+    zero = np.float32(0.0)
+    channels = scale.shape[0]
+    segments = n // inner
+    # Few chunks, each allocating its scratch once: an allocation per segment costs more
+    # than a small segment's work. Chunking does not change results.
+    chunks = min(segments, CHUNKS)
+    for chunk in numba.prange(chunks):
+        v = np.empty(BLOCK, dtype=np.float32)
+        t = np.empty(BLOCK, dtype=np.float32)
+        err = np.empty(BLOCK, dtype=np.float32)
+        sd = np.empty(BLOCK, dtype=np.float32)
+        hashes = np.empty(BLOCK // 2, dtype=np.uint32)
+        for seg in range(chunk * segments // chunks, (chunk + 1) * segments // chunks):
+            c = seg % channels
+            s_c, b_c = scale[c], bias[c]
+            inv_s = np.float32(1.0) / s_c
+            for start in range(seg * inner, seg * inner + inner, BLOCK):
+                m = min(seg * inner + inner, start + BLOCK) - start
+                ys, os_ = y[start : start + m], out[start : start + m]
+                for i in range(m):
+                    v[i] = (ys[i] - b_c) * inv_s
+                _draw_error(v[:m], start, key, mu_coef, sigma_coef, lo, hi, table, shift,
+                            t[:m], sd[:m], err[:m], hashes)  # fmt: skip
+                for i in range(m):
+                    os_[i] = ys[i] + (err[i] + max(sd[i], zero) * t[i]) * s_c
+
+
+@intrinsic
+def _float_from_bits(typingctx, bits):  # type: ignore[no-untyped-def]
+    """The float32 whose bit pattern is the low 32 bits of the integer ``bits`` (a free,
+    vectorizable bitcast; numba widens int32 arithmetic to int64, hence the truncation)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        value = args[0]
+        if bits.bitwidth != 32:
+            value = builder.trunc(value, ir.IntType(32))
+        return builder.bitcast(value, context.get_value_type(types.float32))
+
+    return types.float32(bits), codegen
+
+
+@numba.njit(inline="always")
+def _exp_neg(z: np.float32) -> np.float32:
+    """exp(-z) in float32 for z >= 0 (negative z is taken as 0), vectorizable.
+
+    exp(-z) = 2^-k e^-r with k = round(z log2 e) and r = z - k ln 2 in [-ln2/2, ln2/2] (ln 2 split
+    in two parts, Cody-Waite), e^-r by its degree-7 Taylor polynomial (relative error < 3e-8),
+    2^-k from its exponent bits. z > 87 gives about 1.6e-38 or less (true value < 1.7e-38).
+    """
+    z = min(max(z, np.float32(0.0)), np.float32(87.0))
+    k = np.floor(z * np.float32(1.44269504) + np.float32(0.5))
+    r = (z - k * np.float32(0.693359375)) + k * np.float32(2.12194440e-4)
+    p = np.float32(-1.0 / 5040.0)
+    p = p * r + np.float32(1.0 / 720.0)
+    p = p * r - np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r - np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r - np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    return p * _float_from_bits((np.int32(127) - np.int32(k)) << np.int32(23))
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
+def sc_proxy_forward(  # type: ignore[no-untyped-def]
+    z_pos, z_neg, scale, bias, inner,
+    noise, key, mu_coef, sigma_coef, lo, hi, table, shift,
+    out, e_pos, e_neg,
+):  # fmt: skip
+    """SC_act (SPEC 3.2) with its output affine map, and the injected error when ``noise``.
+
+    e± = exp(-z±) (kept for the backward); v = e- - e+ = (1 - e+) - (1 - e-);
+    out = (v + error(v)) * scale[c] + bias[c]. ``e_pos``/``e_neg`` may be ``z_pos``/``z_neg``.
+    """
+    n = z_pos.shape[0]
+    zero = np.float32(0.0)
+    channels = scale.shape[0]
+    segments = n // inner
+    # Few chunks, each allocating its scratch once: an allocation per segment costs more
+    # than a small segment's work. Chunking does not change results.
+    chunks = min(segments, CHUNKS)
+    for chunk in numba.prange(chunks):
+        v = np.empty(BLOCK, dtype=np.float32)
+        t = np.empty(BLOCK, dtype=np.float32)
+        err = np.empty(BLOCK, dtype=np.float32)
+        sd = np.empty(BLOCK, dtype=np.float32)
+        hashes = np.empty(BLOCK // 2, dtype=np.uint32)
+        for seg in range(chunk * segments // chunks, (chunk + 1) * segments // chunks):
+            c = seg % channels
+            s_c, b_c = scale[c], bias[c]
+            for start in range(seg * inner, seg * inner + inner, BLOCK):
+                stop = min(seg * inner + inner, start + BLOCK)
+                m = stop - start
+                zp, zn = z_pos[start:stop], z_neg[start:stop]
+                ep, en, os_ = e_pos[start:stop], e_neg[start:stop], out[start:stop]
+                for i in range(m):
+                    a = _exp_neg(zp[i])
+                    b = _exp_neg(zn[i])
+                    ep[i] = a
+                    en[i] = b
+                    v[i] = b - a
+                if noise:
+                    _draw_error(v[:m], start, key, mu_coef, sigma_coef, lo, hi, table, shift,
+                                t[:m], sd[:m], err[:m], hashes)  # fmt: skip
+                    for i in range(m):
+                        os_[i] = (v[i] + (err[i] + max(sd[i], zero) * t[i])) * s_c + b_c
+                else:
+                    for i in range(m):
+                        os_[i] = v[i] * s_c + b_c
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract", "reassoc"})
+def sc_proxy_backward(grad, e_pos, e_neg, scale, inner, grad_pos, grad_neg, grad_sums):  # type: ignore[no-untyped-def]
+    """d/dz+ = grad * scale * e+, d/dz- = -grad * scale * e-; ``grad_sums[segment]`` = the sum of
+    ``grad`` over the segment (for the bias gradient)."""
+    channels = scale.shape[0]
+    for seg in numba.prange(grad.shape[0] // inner):
+        s_c = scale[seg % channels]
+        lo, hi = seg * inner, seg * inner + inner
+        g, ep, en = grad[lo:hi], e_pos[lo:hi], e_neg[lo:hi]
+        gp, gn = grad_pos[lo:hi], grad_neg[lo:hi]
+        total = np.float32(0.0)
+        for i in range(inner):
+            total += g[i]
+            gp[i] = g[i] * s_c * ep[i]
+            gn[i] = -g[i] * s_c * en[i]
+        grad_sums[seg] = total
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
+def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
+    z0, z1, z2, z3, four, limit, scale, bias, inner,
+    noise, key, mu_coef, sigma_coef, lo, hi, table, shift,
+    out, inside,
+):  # fmt: skip
+    """Analog_act (SPEC 3.3) with its output affine map, and the injected error when ``noise``.
+
+    z0, z1: the accumulations [z+, z-] of the positive inputs; with ``four``, z2, z3: those of
+    the negative inputs, whose activation is subtracted:
+    v = clamp(z0, 0, T) - clamp(z1, 0, T) [- clamp(z2, 0, T) + clamp(z3, 0, T)].
+    ``inside`` (uint8) gets bit j set where 0 <= z_j <= T (the gradient mask);
+    out = (v + error(v)) * scale[c] + bias[c].
+    """
+    n = z0.shape[0]
+    channels = scale.shape[0]
+    segments = n // inner
+    # Few chunks, each allocating its scratch once: an allocation per segment costs more
+    # than a small segment's work. Chunking does not change results.
+    chunks = min(segments, CHUNKS)
+    zero = np.float32(0.0)
+    for chunk in numba.prange(chunks):
+        v = np.empty(BLOCK, dtype=np.float32)
+        t = np.empty(BLOCK, dtype=np.float32)
+        err = np.empty(BLOCK, dtype=np.float32)
+        sd = np.empty(BLOCK, dtype=np.float32)
+        hashes = np.empty(BLOCK // 2, dtype=np.uint32)
+        for seg in range(chunk * segments // chunks, (chunk + 1) * segments // chunks):
+            c = seg % channels
+            s_c, b_c = scale[c], bias[c]
+            for start in range(seg * inner, seg * inner + inner, BLOCK):
+                stop = min(seg * inner + inner, start + BLOCK)
+                m = stop - start
+                a, b, code = z0[start:stop], z1[start:stop], inside[start:stop]
+                for i in range(m):
+                    v[i] = min(max(a[i], zero), limit) - min(max(b[i], zero), limit)
+                    code[i] = np.uint8(
+                        (1 if zero <= a[i] <= limit else 0) | (2 if zero <= b[i] <= limit else 0)
+                    )
+                if four:
+                    a, b = z2[start:stop], z3[start:stop]
+                    for i in range(m):
+                        v[i] += min(max(b[i], zero), limit) - min(max(a[i], zero), limit)
+                        code[i] |= np.uint8(
+                            (4 if zero <= a[i] <= limit else 0)
+                            | (8 if zero <= b[i] <= limit else 0)
+                        )
+                os_ = out[start:stop]
+                if noise:
+                    _draw_error(v[:m], start, key, mu_coef, sigma_coef, lo, hi, table, shift,
+                                t[:m], sd[:m], err[:m], hashes)  # fmt: skip
+                    for i in range(m):
+                        os_[i] = (v[i] + (err[i] + max(sd[i], zero) * t[i])) * s_c + b_c
+                else:
+                    for i in range(m):
+                        os_[i] = v[i] * s_c + b_c
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract", "reassoc"})
+def hardtanh_proxy_backward(grad, inside, scale, inner, g0, g1, g2, g3, four, grad_sums):  # type: ignore[no-untyped-def]
+    """g_j = +-grad * scale where bit j of ``inside`` is set (the signs of the forward), else 0
+    (g2, g3 only with ``four``); ``grad_sums[segment]`` = the sum of ``grad`` over the segment."""
+    channels = scale.shape[0]
+    zero = np.float32(0.0)
+    for seg in numba.prange(grad.shape[0] // inner):
+        s_c = scale[seg % channels]
+        lo, hi = seg * inner, seg * inner + inner
+        g, code = grad[lo:hi], inside[lo:hi]
+        a, b = g0[lo:hi], g1[lo:hi]
+        total = zero
+        for i in range(inner):
+            total += g[i]
+            gs = g[i] * s_c
+            a[i] = gs if code[i] & 1 else zero
+            b[i] = -gs if code[i] & 2 else zero
+        if four:
+            a, b = g2[lo:hi], g3[lo:hi]
+            for i in range(inner):
+                gs = g[i] * s_c
+                a[i] = -gs if code[i] & 4 else zero
+                b[i] = gs if code[i] & 8 else zero
+        grad_sums[seg] = total
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def fake_quant_forward(x, inv_step, step, qmin, qmax, out, inside):  # type: ignore[no-untyped-def]
+    """out = clamp(rint(x * inv_step), qmin, qmax) * step, as torch.fake_quantize_per_tensor_affine
+    computes it (float32, round half to even, zero point 0); ``inside`` = 1 where the rounded
+    value lies in [qmin, qmax] (where the straight-through gradient passes)."""
+    n = x.shape[0]
+    chunks = min(n // BLOCK + 1, CHUNKS)
+    for chunk in numba.prange(chunks):
+        lo, hi = chunk * n // chunks, (chunk + 1) * n // chunks
+        xs, os_, ins = x[lo:hi], out[lo:hi], inside[lo:hi]
+        for i in range(hi - lo):
+            q = np.rint(xs[i] * inv_step)
+            os_[i] = min(max(q, qmin), qmax) * step
+            ins[i] = np.uint8(1 if qmin <= q <= qmax else 0)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def masked_grad(grad, inside, out):  # type: ignore[no-untyped-def]
+    """out = grad where ``inside`` else 0."""
+    n = grad.shape[0]
+    chunks = min(n // BLOCK + 1, CHUNKS)
+    zero = np.float32(0.0)
+    for chunk in numba.prange(chunks):
+        lo, hi = chunk * n // chunks, (chunk + 1) * n // chunks
+        gs, ins, os_ = grad[lo:hi], inside[lo:hi], out[lo:hi]
+        for i in range(hi - lo):
+            os_[i] = gs[i] if ins[i] else zero
