@@ -261,3 +261,30 @@ def test_layers_on_cuda_equal_layers_on_cpu(target: str, options: dict) -> None:
         out_gpu = gpu_model(x.to(DEV))
     # End to end, float work around the emulation (scales, bias, ReLU) may round differently.
     torch.testing.assert_close(out_gpu.cpu(), out_cpu)
+
+
+@pytest.mark.parametrize(("target", "options"), TARGET_OPTIONS[::3])
+def test_inject_mode_on_cuda_trains_and_draws_like_the_cpu(target: str, options: dict) -> None:
+    """Inject mode on CUDA (torch ops) against the CPU's fused kernels: the same proxy up to
+    float rounding, and injected errors with the same mean and spread."""
+    x = torch.randn(64, 3, 10, 10)
+    model = approxctl.convert(_model(), target, example_inputs=x, **options)
+    approxctl.calibrate(model, [x])
+    approxctl.fit_error_model(model, [x])
+    gpu_model = copy.deepcopy(model).to(DEV)
+    for m in (model, gpu_model):
+        approxctl.set_mode(m, "inject")
+    out_gpu = gpu_model(x.to(DEV))
+    out_gpu.square().mean().backward()
+    grads = [p.grad for p in gpu_model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+    with torch.no_grad():
+        for (name, layer), (_, gpu_layer) in zip(
+            approx_layers(model), approx_layers(gpu_model), strict=True
+        ):
+            v = torch.linspace(-1, 1, 200_000)
+            cpu_err = layer.error_model.sample(v)
+            gpu_err = gpu_layer.error_model.sample(v.to(DEV)).cpu()
+            spread = float(cpu_err.std()) + 1e-12
+            assert abs(float(cpu_err.mean() - gpu_err.mean())) < 0.02 * spread + 1e-9, name
+            assert float(gpu_err.std()) == pytest.approx(float(cpu_err.std()), rel=0.02), name

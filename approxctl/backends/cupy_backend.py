@@ -70,11 +70,35 @@ def _as_cupy(t: torch.Tensor) -> Any:
 _allowed_shared: dict[tuple[str, int], int] = {}
 
 
+class _StreamHandle:
+    """A raw cudaStream_t behind the CUDA stream protocol (``__cuda_stream__``)."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)
+
+
+@functools.lru_cache(maxsize=64)
+def _cupy_stream(handle: int, device_index: int) -> Any:
+    """CuPy's view of the torch stream ``handle``: Stream.from_external where CuPy has it
+    (ExternalStream is deprecated since CuPy 14), else ExternalStream."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        try:
+            with cupy.cuda.Device(device_index):
+                return from_external(_StreamHandle(handle))
+        except (TypeError, ValueError):
+            pass
+    return cupy.cuda.ExternalStream(handle, device_index)
+
+
 def run(launch: cuda_kernels.Launch, device_index: int) -> None:
     """Launch on ``device_index`` in torch's current stream."""
     kernel = _kernel(launch.module, launch.kernel, device_index)
     stream = torch.cuda.current_stream(device_index)
-    with cupy.cuda.Device(device_index), cupy.cuda.ExternalStream(stream.cuda_stream):
+    with cupy.cuda.Device(device_index), _cupy_stream(stream.cuda_stream, device_index):
         if launch.shared_mem > _allowed_shared.get((launch.kernel, device_index), 0):
             # Static plus dynamic shared memory beyond 48 KiB needs the kernel's opt-in
             # (the lut kernels hold 16 KiB of static tiles besides the table).
