@@ -24,6 +24,7 @@ from approxctl.noise import ChannelLayout, NoiseSpec, add_error, horner
 
 # Samples kept per layer and per batch when recording type-1 statistics.
 SAMPLES_PER_BATCH = 1 << 16
+NO_BOUNDS = (-float("inf"), float("inf"), float("inf"))
 
 
 class RunningMoments:
@@ -156,18 +157,33 @@ class GaussianErrorModel(ErrorModel):
         return {"kind": "gaussian", "mean": float(self.mean), "std": float(self.std)}
 
 
+# Fraction of the recorded proxy values left out at each end when choosing the binned range.
+TAIL = 1e-3
+
+
 def fit_binned_polynomials(
     v: np.ndarray, err: np.ndarray, degree: int, bins: int
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float], dict[str, np.ndarray]]:
     """Fit mu(v), sigma(v) to per-bin error statistics (paper Fig. 2).
 
     Returns coefficients (lowest order first) in the window [-1, 1] mapped from the domain
-    ``(lo, hi)`` of v, the domain, and the binned statistics used for the fit (for plots).
-    Bins with fewer than two samples are ignored; the degree drops to what the bins support.
+    ``(lo, hi)`` of v, the domain, and the binned statistics used for the fit (for plots and
+    for the bounds the evaluated polynomials are held in).
+
+    The domain is the range of v without its extreme ``TAIL`` fraction at each end: equal-width
+    bins over the full range of a long-tailed v leave most bins nearly empty, and a degree-10
+    polynomial through a few crowded bins swings far outside the data between and beyond them
+    (measured: fitted means 50x the largest binned mean). Values beyond the domain are held at
+    its edges when the error is drawn. Bins with fewer than two samples are ignored; the degree
+    drops to what the bins support.
     """
-    lo, hi = float(v.min()), float(v.max())
+    lo, hi = (float(q) for q in np.quantile(v, [TAIL, 1 - TAIL])) if v.size else (0.0, 1.0)
+    if hi <= lo:
+        lo, hi = float(v.min()), float(v.max())
     if hi <= lo:
         hi = lo + 1.0
+    inside = (v >= lo) & (v <= hi)
+    v, err = v[inside], err[inside]
     edges = np.linspace(lo, hi, bins + 1)
     index = np.clip(np.searchsorted(edges, v, side="right") - 1, 0, bins - 1)
     count = np.bincount(index, minlength=bins).astype(np.float64)
@@ -183,8 +199,10 @@ def fit_binned_polynomials(
     mid, half = (lo + hi) / 2, (hi - lo) / 2
     t = (centers - mid) / half
     if keep.sum() == 0:
-        mu_coef = np.array([float(err.mean())])
-        sigma_coef = np.array([float(err.std())])
+        mu_all = float(err.mean()) if err.size else 0.0
+        std_all = float(err.std()) if err.size else 0.0
+        mu_coef, sigma_coef = np.array([mu_all]), np.array([std_all])
+        mu, sigma = np.array([mu_all]), np.array([std_all])
     else:
         mu_coef = np.polynomial.polynomial.polyfit(t, mu, deg, w=weights)
         sigma_coef = np.polynomial.polynomial.polyfit(t, sigma, deg, w=weights)
@@ -202,6 +220,8 @@ class PolynomialErrorModel(ErrorModel):
         self.register_buffer("mu_coef", torch.zeros(degree + 1, dtype=torch.float64))
         self.register_buffer("sigma_coef", torch.zeros(degree + 1, dtype=torch.float64))
         self.register_buffer("domain", torch.tensor([-1.0, 1.0], dtype=torch.float64))
+        # (mu_min, mu_max, sigma_max): the range of the binned statistics of the last fit.
+        self.register_buffer("bounds", torch.tensor(NO_BOUNDS, dtype=torch.float64))
         self._samples: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.binned: dict[str, np.ndarray] | None = None
 
@@ -226,7 +246,15 @@ class PolynomialErrorModel(ErrorModel):
         self.mu_coef[: len(mu)] = torch.from_numpy(mu)
         self.sigma_coef[: len(sigma)] = torch.from_numpy(sigma)
         self.domain.copy_(torch.tensor([lo, hi], dtype=torch.float64))
+        bounds = [float(binned["mean"].min()), float(binned["mean"].max()),
+                  float(binned["std"].max())] if len(binned["mean"]) else NO_BOUNDS  # fmt: skip
+        self.bounds.copy_(torch.tensor(bounds, dtype=torch.float64))
         self.binned = binned
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # Models saved before the bounds existed load unbounded, as they were fitted.
+        state_dict.setdefault(prefix + "bounds", torch.tensor(NO_BOUNDS, dtype=torch.float64))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _window(self, v: torch.Tensor) -> torch.Tensor:
         lo, hi = self.domain.tolist()
@@ -235,14 +263,16 @@ class PolynomialErrorModel(ErrorModel):
         return (v.clamp(lo, hi) - mid) / half
 
     def mean_at(self, v: torch.Tensor) -> torch.Tensor:
-        return horner(self.mu_coef, self._window(v))
+        mu_min, mu_max, _ = self.bounds.tolist()
+        return horner(self.mu_coef, self._window(v)).clamp_(mu_min, mu_max)
 
     def std_at(self, v: torch.Tensor) -> torch.Tensor:
-        return horner(self.sigma_coef, self._window(v)).clamp_(min=0)
+        return horner(self.sigma_coef, self._window(v)).clamp_(0, float(self.bounds[2]))
 
     def noise_spec(self) -> NoiseSpec:
         lo, hi = self.domain.tolist()
-        return NoiseSpec(self.mu_coef, self.sigma_coef, lo, hi)
+        mu_min, mu_max, sigma_max = self.bounds.tolist()
+        return NoiseSpec(self.mu_coef, self.sigma_coef, lo, hi, mu_min, mu_max, sigma_max)
 
     def stats(self) -> dict[str, object]:
         return {
@@ -250,6 +280,7 @@ class PolynomialErrorModel(ErrorModel):
             "domain": self.domain.tolist(),
             "mu_coef": self.mu_coef.tolist(),
             "sigma_coef": self.sigma_coef.tolist(),
+            "bounds": self.bounds.tolist(),
         }
 
 

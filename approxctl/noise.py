@@ -17,6 +17,7 @@ distribution is the normal one discretized to 4096 levels, tails cut at 3.67 sig
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +59,9 @@ class ChannelLayout:
 
 @dataclass(frozen=True)
 class NoiseSpec:
-    """An error model's polynomials (lowest order first) on the domain ``(lo, hi)`` of v.
+    """An error model's polynomials (lowest order first) on the domain ``(lo, hi)`` of v, and
+    the bounds the evaluated polynomials are held in: ``mu_min <= mu <= mu_max`` and
+    ``0 <= sigma <= sigma_max`` (the range of the binned statistics they were fitted to).
 
     The type-2 Gaussian model is the degree-0 case: constant mean and standard deviation.
     """
@@ -67,6 +70,9 @@ class NoiseSpec:
     sigma_coef: torch.Tensor
     lo: float
     hi: float
+    mu_min: float = -math.inf
+    mu_max: float = math.inf
+    sigma_max: float = math.inf
 
     def __post_init__(self) -> None:
         if not self.hi > self.lo:  # a degenerate domain: any window maps the constant value
@@ -74,13 +80,14 @@ class NoiseSpec:
 
     def kernel_args(self) -> tuple[Any, ...]:
         """The noise arguments of the cpu_pointwise kernels, with a fresh key drawn from torch's
-        generator: (key, mu, sigma, lo, hi, quantile table, hash shift)."""
+        generator: (key, mu, sigma, lo, hi, bounds, quantile table, hash shift)."""
         key = np.uint32(int(torch.randint(0, 2**32, (1,)).item()))
         return (
             key,
             *padded_coefficients(self.mu_coef, self.sigma_coef),
             np.float32(self.lo),
             np.float32(self.hi),
+            np.array([self.mu_min, self.mu_max, self.sigma_max], dtype=np.float32),
             normal_quantiles().numpy(),
             np.uint32(32 - TABLE_BITS),
         )
@@ -89,8 +96,9 @@ class NoiseSpec:
         """The error at accumulator values ``v``, with torch ops (any device and dtype)."""
         lo, hi = self.lo, self.hi
         t = (v.clamp(lo, hi) - (lo + hi) / 2) * (2 / (hi - lo))
-        sigma = horner(self.sigma_coef, t).clamp_(min=0)
-        return sigma.mul_(torch.randn_like(t)).add_(horner(self.mu_coef, t))
+        sigma = horner(self.sigma_coef, t).clamp_(0, self.sigma_max)
+        mu = horner(self.mu_coef, t).clamp_(self.mu_min, self.mu_max)
+        return sigma.mul_(torch.randn_like(t)).add_(mu)
 
 
 def padded_coefficients(*polys: torch.Tensor) -> list[np.ndarray]:

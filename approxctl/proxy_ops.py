@@ -26,6 +26,7 @@ from approxctl.noise import (
 )
 
 _NO_NOISE_DEGREE = np.zeros(1, dtype=np.float32)
+_NO_BOUNDS = np.array([-np.inf, np.inf, np.inf], dtype=np.float32)
 
 
 def _kernel_noise(noise: NoiseSpec | None) -> tuple[object, ...]:
@@ -34,7 +35,7 @@ def _kernel_noise(noise: NoiseSpec | None) -> tuple[object, ...]:
     # Typed placeholders (numba compiles one specialization); the kernels skip the draw.
     table = normal_quantiles().numpy()
     return (np.uint32(0), _NO_NOISE_DEGREE, _NO_NOISE_DEGREE, np.float32(-1.0),
-            np.float32(1.0), table, np.uint32(32 - TABLE_BITS))  # fmt: skip
+            np.float32(1.0), _NO_BOUNDS, table, np.uint32(32 - TABLE_BITS))  # fmt: skip
 
 
 def _affine_(out: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

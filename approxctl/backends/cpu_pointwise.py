@@ -42,10 +42,13 @@ def _lowbias32(x: np.uint32) -> np.uint32:
 
 
 @numba.njit(inline="always")
-def _draw_error(v, start, key, mu_coef, sigma_coef, lo, hi, table, shift, t, sd, err, hashes):  # type: ignore[no-untyped-def]
+def _draw_error(  # type: ignore[no-untyped-def]
+    v, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, t, sd, err, hashes
+):
     """The error drawn at accumulator value v[i] for element ``start + i`` of the output is
-    ``err[i] + max(sd[i], 0) * t[i]`` afterwards (mu, sigma and eps; callers fold the sum into
-    their output pass).
+    ``err[i] + sd[i] * t[i]`` afterwards (mu, sigma and eps; callers fold the sum into their
+    output pass). ``bounds`` = (mu_min, mu_max, sigma_max): the polynomials are held inside the
+    range of the statistics they were fitted to.
 
     ``v``, ``t``, ``sd``, ``err`` are slices of the block's length m; ``hashes`` (uint32, at
     least (m + 1) // 2) is scratch. One hash of ``start + i`` serves
@@ -73,6 +76,10 @@ def _draw_error(v, start, key, mu_coef, sigma_coef, lo, hi, table, shift, t, sd,
             x = t[i]
             err[i] = (((err[i] * x + m0) * x + m1) * x + m2) * x + m3
             sd[i] = (((sd[i] * x + s0) * x + s1) * x + s2) * x + s3
+    mu_min, mu_max, sigma_max = bounds[0], bounds[1], bounds[2]
+    for i in range(m):
+        err[i] = min(max(err[i], mu_min), mu_max)
+        sd[i] = min(max(sd[i], np.float32(0.0)), sigma_max)
     # The index's high half (0 below 2^32 elements) goes into the salt, once per block.
     high = (np.uint64(start) >> np.uint64(32)) * np.uint64(0x85EBCA6B)
     salt = np.uint32((key ^ high) & _MASK32)
@@ -88,10 +95,9 @@ def _draw_error(v, start, key, mu_coef, sigma_coef, lo, hi, table, shift, t, sd,
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
-def add_noise(y, key, mu_coef, sigma_coef, lo, hi, table, shift, scale, bias, inner, out):  # type: ignore[no-untyped-def]
+def add_noise(y, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, scale, bias, inner, out):  # type: ignore[no-untyped-def]
     """out = y + error(v) * scale[c], v = (y - bias[c]) / scale[c]. ``out`` may be ``y``."""
     n = y.shape[0]
-    zero = np.float32(0.0)
     channels = scale.shape[0]
     segments = n // inner
     # Few chunks, each allocating its scratch once: an allocation per segment costs more
@@ -112,10 +118,10 @@ def add_noise(y, key, mu_coef, sigma_coef, lo, hi, table, shift, scale, bias, in
                 ys, os_ = y[start : start + m], out[start : start + m]
                 for i in range(m):
                     v[i] = (ys[i] - b_c) * inv_s
-                _draw_error(v[:m], start, key, mu_coef, sigma_coef, lo, hi, table, shift,
-                            t[:m], sd[:m], err[:m], hashes)  # fmt: skip
+                _draw_error(v[:m], start, key, mu_coef, sigma_coef, lo, hi, bounds, table,
+                            shift, t[:m], sd[:m], err[:m], hashes)  # fmt: skip
                 for i in range(m):
-                    os_[i] = ys[i] + (err[i] + max(sd[i], zero) * t[i]) * s_c
+                    os_[i] = ys[i] + (err[i] + sd[i] * t[i]) * s_c
 
 
 @intrinsic
@@ -159,7 +165,7 @@ def _exp_neg(z: np.float32) -> np.float32:
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
 def sc_proxy_forward(  # type: ignore[no-untyped-def]
     z_pos, z_neg, scale, bias, inner,
-    noise, key, mu_coef, sigma_coef, lo, hi, table, shift,
+    noise, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift,
     out, e_pos, e_neg,
 ):  # fmt: skip
     """SC_act (SPEC 3.2) with its output affine map, and the injected error when ``noise``.
@@ -168,7 +174,6 @@ def sc_proxy_forward(  # type: ignore[no-untyped-def]
     out = (v + error(v)) * scale[c] + bias[c]. ``e_pos``/``e_neg`` may be ``z_pos``/``z_neg``.
     """
     n = z_pos.shape[0]
-    zero = np.float32(0.0)
     channels = scale.shape[0]
     segments = n // inner
     # Few chunks, each allocating its scratch once: an allocation per segment costs more
@@ -195,10 +200,10 @@ def sc_proxy_forward(  # type: ignore[no-untyped-def]
                     en[i] = b
                     v[i] = b - a
                 if noise:
-                    _draw_error(v[:m], start, key, mu_coef, sigma_coef, lo, hi, table, shift,
-                                t[:m], sd[:m], err[:m], hashes)  # fmt: skip
+                    _draw_error(v[:m], start, key, mu_coef, sigma_coef, lo, hi, bounds, table,
+                                shift, t[:m], sd[:m], err[:m], hashes)  # fmt: skip
                     for i in range(m):
-                        os_[i] = (v[i] + (err[i] + max(sd[i], zero) * t[i])) * s_c + b_c
+                        os_[i] = (v[i] + (err[i] + sd[i] * t[i])) * s_c + b_c
                 else:
                     for i in range(m):
                         os_[i] = v[i] * s_c + b_c
@@ -225,7 +230,7 @@ def sc_proxy_backward(grad, e_pos, e_neg, scale, inner, grad_pos, grad_neg, grad
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
 def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
     z0, z1, z2, z3, four, limit, scale, bias, inner,
-    noise, key, mu_coef, sigma_coef, lo, hi, table, shift,
+    noise, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift,
     out, inside,
 ):  # fmt: skip
     """Analog_act (SPEC 3.3) with its output affine map, and the injected error when ``noise``.
@@ -271,10 +276,10 @@ def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
                         )
                 os_ = out[start:stop]
                 if noise:
-                    _draw_error(v[:m], start, key, mu_coef, sigma_coef, lo, hi, table, shift,
-                                t[:m], sd[:m], err[:m], hashes)  # fmt: skip
+                    _draw_error(v[:m], start, key, mu_coef, sigma_coef, lo, hi, bounds, table,
+                                shift, t[:m], sd[:m], err[:m], hashes)  # fmt: skip
                     for i in range(m):
-                        os_[i] = (v[i] + (err[i] + max(sd[i], zero) * t[i])) * s_c + b_c
+                        os_[i] = (v[i] + (err[i] + sd[i] * t[i])) * s_c + b_c
                 else:
                     for i in range(m):
                         os_[i] = v[i] * s_c + b_c

@@ -1,0 +1,75 @@
+"""Fitting the type-1 error model (SPEC section 4, paper Fig. 2) robustly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from approxctl.error_models import TAIL, PolynomialErrorModel, fit_binned_polynomials
+from approxctl.noise import ChannelLayout, NoiseSpec, add_error
+
+
+def _long_tailed(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Proxy values with a heavy tail (like a layer's outputs) and an error that grows with v."""
+    rng = np.random.default_rng(seed)
+    v = rng.standard_t(2, n) * 100.0
+    err = 0.05 * v + rng.normal(0, 1 + 0.01 * np.abs(v), n)
+    return v, err
+
+
+def test_fit_range_leaves_out_the_extreme_tails() -> None:
+    v, err = _long_tailed(200_000, 0)
+    _, _, (lo, hi), binned = fit_binned_polynomials(v, err, 10, 30)
+    assert lo == pytest.approx(np.quantile(v, TAIL))
+    assert hi == pytest.approx(np.quantile(v, 1 - TAIL))
+    assert v.min() < lo and hi < v.max()
+    assert binned["count"].min() >= 20  # every bin is populated, not just the central few
+
+
+def test_fitted_model_stays_within_its_binned_statistics() -> None:
+    """A degree-10 polynomial through binned statistics of a long-tailed v must not swing far
+    outside them (the unbounded fit overshot the largest binned mean 50x on TinyConv)."""
+    v, err = _long_tailed(300_000, 1)
+    model = PolynomialErrorModel(10, 30)
+    model.record(torch.from_numpy(v), torch.from_numpy(err))
+    model.fit_recorded()
+    binned = model.binned
+    assert binned is not None
+    grid = torch.linspace(float(v.min()) * 2, float(v.max()) * 2, 100_001, dtype=torch.float64)
+    mean, std = model.mean_at(grid), model.std_at(grid)
+    assert float(mean.min()) >= binned["mean"].min() - 1e-9
+    assert float(mean.max()) <= binned["mean"].max() + 1e-9
+    assert float(std.min()) >= 0 and float(std.max()) <= binned["std"].max() + 1e-9
+    # ... while still following the data inside the range.
+    crowded = binned["count"] >= 1000
+    fitted = model.mean_at(torch.from_numpy(binned["v"][crowded])).numpy()
+    spread = binned["mean"].max() - binned["mean"].min()
+    assert np.abs(fitted - binned["mean"][crowded]).max() < 0.05 * spread
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_drawn_error_respects_the_bounds(monkeypatch: pytest.MonkeyPatch, fused: bool) -> None:
+    if not fused:
+        monkeypatch.setattr("approxctl.noise.cpu_pointwise", None)
+    spec = NoiseSpec(
+        torch.tensor([0.0, 10.0], dtype=torch.float64), torch.tensor([5.0], dtype=torch.float64),
+        -1.0, 1.0, mu_min=-2.0, mu_max=3.0, sigma_max=0.0,
+    )  # fmt: skip
+    y = torch.linspace(-1, 1, 1001)
+    err = add_error(y, spec, scale=torch.ones(()), bias=torch.zeros(()), layout=ChannelLayout(1, 1))
+    err = err - y
+    torch.testing.assert_close(err, (10 * y).clamp(-2, 3), rtol=0, atol=1e-5)
+
+
+def test_models_saved_without_bounds_load_unbounded() -> None:
+    model = PolynomialErrorModel(10, 30)
+    v, err = _long_tailed(50_000, 2)
+    model.record(torch.from_numpy(v), torch.from_numpy(err))
+    model.fit_recorded()
+    state = model.state_dict()
+    del state["bounds"]
+    again = PolynomialErrorModel(10, 30)
+    again.load_state_dict(state)
+    assert again.bounds.tolist() == [-float("inf"), float("inf"), float("inf")]
+    assert torch.equal(again.mu_coef, model.mu_coef)
