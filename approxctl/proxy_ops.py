@@ -81,9 +81,9 @@ class _ScActivation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def]
         e_pos, e_neg, scale = ctx.saved_tensors
-        if ctx.fused and grad.dtype == torch.float32:
+        if ctx.fused:
             layout = ctx.layout
-            grad = grad.contiguous()
+            grad = grad.to(torch.float32).contiguous()
             grad_pos, grad_neg = torch.empty_like(grad), torch.empty_like(grad)
             sums = grad.new_empty(grad.numel() // layout.inner)
             cpu_pointwise.sc_proxy_backward(
@@ -137,9 +137,9 @@ class _HardTanhPairs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def]
         *masks, scale = ctx.saved_tensors
-        if ctx.fused and grad.dtype == torch.float32:
+        if ctx.fused:  # masks = [inside]: bit j for the j-th accumulation
             layout = ctx.layout
-            grad = grad.contiguous()
+            grad = grad.to(torch.float32).contiguous()
             grads = [torch.empty_like(grad) for _ in range(ctx.terms)]
             sums = grad.new_empty(grad.numel() // layout.inner)
             flat = [_flat(g) for g in grads]

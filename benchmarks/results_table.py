@@ -55,7 +55,23 @@ def rows(folder: Path) -> Iterator[tuple[str, str, dict[str, Any | None]]]:
             yield model, label, {"float": base, "target": target, **runs}
 
 
+def setup(folder: Path) -> str:
+    """Where and with which budget the runs of ``folder`` ran, from their reports."""
+    devices, budgets = set(), set()
+    for path in sorted(folder.glob("*.json")):
+        doc = json.loads(path.read_text())
+        devices.add(doc.get("device", "?"))
+        train = doc.get("train", {})
+        if train.get("epochs") or train.get("finetune"):
+            budgets.add(f"{train['epochs']} + {train['finetune']:g}")
+    return (
+        f"Runs in `{folder}` on {', '.join(sorted(devices))}; error-injection + fine-tune "
+        f"epochs: {', '.join(sorted(budgets)) or 'n/a'}.\n"
+    )
+
+
 def main(folder: Path) -> None:
+    print(setup(folder))
     print("### Table 4/5: top-1 on the Fashion-MNIST validation subset, exact emulation\n")
     print("| model | target | float | inference only | with model | error injection "
           "| fine-tuning | train time inject+FT / with model |")  # fmt: skip
