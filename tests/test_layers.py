@@ -254,6 +254,31 @@ def test_analog_adc_calibration_methods() -> None:
         choose_adc_max(p, 4, "percentile:0")
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_mse_adc_max_is_the_best_candidate(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """The blocked search picks what a plain loop over the candidates picks (first of ties)."""
+    from approxctl.backends import torch_ref
+    from approxctl.targets import analog
+
+    gen = torch.Generator().manual_seed(seed)
+    p = (torch.randn(50_000, generator=gen).abs() * 3000 * (seed + 1)).round().to(torch.int64)
+    p[: 1000 * seed] = 0  # many zero partial sums (inputs after a ReLU)
+    bits = (2, 4, 6, 8)[seed]
+    monkeypatch.setattr(analog, "MSE_BLOCK_ELEMENTS", 3 * 50_000)  # several blocks
+
+    top = int(p.max())
+    candidates = torch.unique(torch.linspace(1, top, analog.MSE_CANDIDATES).round().long())
+    values, counts = torch.unique(p, return_counts=True)
+    levels = (1 << bits) - 1
+    best, best_err = top, float("inf")
+    for c in candidates.tolist():
+        deq = torch_ref.adc_code(values, bits, c).double() * (c / levels)
+        err = float((counts.double() * (values.double() - deq) ** 2).sum())
+        if err < best_err:
+            best, best_err = c, err
+    assert analog.choose_adc_max(p, bits, "mse") == best
+
+
 def _proxy_in_accumulator_units(layer: nn.Module, q: dict) -> torch.Tensor:
     """The proxy without bias and output scale: the domain of exact() and the error models."""
     y = layer.target.proxy(layer, q).detach()

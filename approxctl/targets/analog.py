@@ -29,6 +29,7 @@ LINEAR_ARRAY_SIZE = 64
 # Partial-sum samples kept per layer and batch for choosing adc_max.
 ADC_SAMPLE_ROWS = 2048
 MSE_CANDIDATES = 256
+MSE_BLOCK_ELEMENTS = 1 << 22  # (candidate, value) pairs evaluated at once
 FIT_SAMPLES = 1 << 20
 
 
@@ -86,13 +87,16 @@ def choose_adc_max(partial_sums: torch.Tensor, adc_bits: int, method: str) -> in
     candidates = torch.unique(torch.linspace(1, top, MSE_CANDIDATES).round().to(torch.int64))
     values, counts = torch.unique(p, return_counts=True)  # partial sums repeat a lot
     weights = counts.double()
-    best, best_err = top, float("inf")
-    for c in candidates.tolist():
-        deq = torch_ref.adc_code(values, adc_bits, c).double() * (c / levels)
-        err = float((weights * (values.double() - deq) ** 2).sum())
-        if err < best_err:
-            best, best_err = c, err
-    return best
+    # All candidates at once, a block at a time (blocks bound the (candidates, values) temporaries);
+    # argmin keeps the first of equal errors, as a loop over ascending candidates would.
+    errors = []
+    block = max(1, MSE_BLOCK_ELEMENTS // max(1, values.numel()))
+    for chunk in candidates.split(block):
+        c = chunk.view(-1, 1)
+        codes = torch.div(2 * values * levels + c, 2 * c, rounding_mode="floor").clamp_(0, levels)
+        deq = codes.double() * (c.double() / levels)
+        errors.append((weights * (values.double() - deq) ** 2).sum(dim=1))
+    return int(candidates[int(torch.argmin(torch.cat(errors)))])
 
 
 class AnalogTarget(Target):
