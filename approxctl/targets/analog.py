@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from approxctl.backends import registry, torch_ref
+from approxctl.backends import registry
 from approxctl.errors import ApproxError
 from approxctl.functional import validate_analog_params
 from approxctl.noise import NoiseSpec
