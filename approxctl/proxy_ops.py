@@ -258,7 +258,8 @@ class _FakeQuant(torch.autograd.Function):
 def fake_quant(x: torch.Tensor, step: float, qmin: int, qmax: int) -> torch.Tensor:
     """``clamp(round(x / step), qmin, qmax) * step`` in one fused pass, straight-through
     gradient inside the range: torch.fake_quantize_per_tensor_affine's arithmetic, bit for bit
-    (numba kernels on CPU float32, the torch op elsewhere)."""
+    (numba kernels on CPU float32, the torch op elsewhere), except that NaN stays NaN where
+    torch's CPU kernel returns ``qmin * step``: a diverged input then reaches the loss."""
     if use_kernels(x):
         return _FakeQuant.apply(x, step, qmin, qmax)
     return torch.fake_quantize_per_tensor_affine(x, step, 0, qmin, qmax)

@@ -249,7 +249,7 @@ def test_fake_quant_kernel_equals_torch_bit_for_bit() -> None:
         torch.randn(100_000) * 5,
         torch.arange(-300, 301) * step,  # exact multiples
         (torch.arange(-300, 300) + 0.5) * step,  # ties (up to float rounding of x / step)
-        torch.tensor([0.0, -0.0, 1e-30, -1e30, 1e30]),
+        torch.tensor([0.0, -0.0, 1e-30, -1e30, 1e30, float("inf"), -float("inf")]),
     ]).requires_grad_()  # fmt: skip
     for qmin, qmax in ((0, 32), (-127, 127), (0, 255)):
         got = fake_quant(x, step, qmin, qmax)
@@ -258,3 +258,21 @@ def test_fake_quant_kernel_equals_torch_bit_for_bit() -> None:
         (grad_expected,) = torch.autograd.grad(expected, x, torch.arange(x.numel()).float())
         assert torch.equal(got, expected)
         assert torch.equal(grad_got, grad_expected)
+
+
+def test_nan_inputs_stay_nan_in_the_fused_kernels() -> None:
+    """A diverged layer input must show up downstream (the trainer stops on a NaN loss), so the
+    kernels propagate NaN; torch's CPU fake_quantize maps it to qmin * step instead."""
+    from approxctl.proxy_ops import fake_quant
+
+    z = torch.tensor([float("nan"), 0.5])
+    zero, one, layout = torch.zeros(2), torch.ones(()), ChannelLayout(1, 1)
+    spec = NoiseSpec(torch.tensor([0.1]), torch.tensor([0.2]), -1.0, 1.0)
+    outputs = [
+        fake_quant(z, 0.1, 0, 32),
+        sc_activation(z, zero, one, None, layout=layout, noise=spec),
+        hardtanh_pairs([(z, zero)], 2.0, one, None, layout=layout, noise=spec),
+        add_error(z, spec, scale=one, bias=torch.zeros(()), layout=layout),
+    ]
+    for out in outputs:
+        assert torch.isnan(out[0]) and torch.isfinite(out[1])

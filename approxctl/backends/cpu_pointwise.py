@@ -10,9 +10,9 @@ Every kernel walks a contiguous output as channel-major segments: ``inner`` elem
 channel), channel ``c = segment mod channels``, with one output scale and bias per channel. Work is
 split into blocks of ``BLOCK`` elements inside a segment, so loops over a block vectorize.
 
-The injected error (SPEC section 4) at accumulator value v is ``mu(t) + max(sigma(t), 0) * eps``,
+The injected error (SPEC section 4) at accumulator value v is ``mu(t) + sigma(t) * eps``,
 t = clamp(v, lo, hi) mapped onto [-1, 1], mu and sigma polynomials (lowest order first; degree 0
-for the type-2 Gaussian model). eps is an inverse-CDF sample: a 32-bit counter hash of the
+for the type-2 Gaussian model) held within the bounds of the statistics they were fitted to. eps is an inverse-CDF sample: a 32-bit counter hash of the
 element's index and a seed picks one of the equiprobable quantiles of N(0, 1) in ``table``, so the
 draw is reproducible and does not depend on the number of threads.
 """
@@ -314,8 +314,8 @@ def hardtanh_proxy_backward(grad, inside, scale, inner, g0, g1, g2, g3, four, gr
 @numba.njit(parallel=True, cache=True, nogil=True)
 def fake_quant_forward(x, inv_step, step, qmin, qmax, out, inside):  # type: ignore[no-untyped-def]
     """out = clamp(rint(x * inv_step), qmin, qmax) * step, as torch.fake_quantize_per_tensor_affine
-    computes it (float32, round half to even, zero point 0); ``inside`` = 1 where the rounded
-    value lies in [qmin, qmax] (where the straight-through gradient passes)."""
+    computes it (float32, round half to even, zero point 0; NaN stays NaN); ``inside`` = 1 where
+    the rounded value lies in [qmin, qmax] (where the straight-through gradient passes)."""
     n = x.shape[0]
     chunks = min(n // BLOCK + 1, CHUNKS)
     for chunk in numba.prange(chunks):
