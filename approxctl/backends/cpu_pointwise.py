@@ -12,9 +12,10 @@ split into blocks of ``BLOCK`` elements inside a segment, so loops over a block 
 
 The injected error (SPEC section 4) at accumulator value v is ``mu(t) + sigma(t) * eps``,
 t = clamp(v, lo, hi) mapped onto [-1, 1], mu and sigma polynomials (lowest order first; degree 0
-for the type-2 Gaussian model) held within the bounds of the statistics they were fitted to. eps is an inverse-CDF sample: a 32-bit counter hash of the
-element's index and a seed picks one of the equiprobable quantiles of N(0, 1) in ``table``, so the
-draw is reproducible and does not depend on the number of threads.
+for the type-2 Gaussian model) held within the bounds of the statistics they were fitted to.
+eps is an inverse-CDF sample: a 32-bit counter hash of the element's index and a seed picks one
+of the equiprobable quantiles of N(0, 1) in ``table``, so the draw is reproducible and does not
+depend on the number of threads.
 """
 
 from __future__ import annotations
