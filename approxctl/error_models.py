@@ -15,6 +15,8 @@ files and checkpoints.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -280,7 +282,8 @@ class PolynomialErrorModel(ErrorModel):
             "domain": self.domain.tolist(),
             "mu_coef": self.mu_coef.tolist(),
             "sigma_coef": self.sigma_coef.tolist(),
-            "bounds": self.bounds.tolist(),
+            # JSON has no infinity: an unbounded side (a model fitted before bounds) is null.
+            "bounds": [b if math.isfinite(b) else None for b in self.bounds.tolist()],
         }
 
 

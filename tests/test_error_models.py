@@ -73,3 +73,11 @@ def test_models_saved_without_bounds_load_unbounded() -> None:
     again.load_state_dict(state)
     assert again.bounds.tolist() == [-float("inf"), float("inf"), float("inf")]
     assert torch.equal(again.mu_coef, model.mu_coef)
+
+
+def test_stats_are_strict_json_even_unbounded() -> None:
+    import json
+
+    model = PolynomialErrorModel(4, 10)
+    assert model.stats()["bounds"] == [None, None, None]
+    json.dumps(model.stats(), allow_nan=False)
