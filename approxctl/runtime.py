@@ -21,7 +21,7 @@ _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's largest allowed value on 64-bit systems
-_KEEP = 1 << 40
+_NEVER_TRIM = 2**31 - 1  # the largest value mallopt takes
 ENV_OPT_OUT = "APPROXCTL_KEEP_FREED_MEMORY"
 
 
@@ -37,6 +37,6 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     done = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
-    done &= mallopt(_M_TRIM_THRESHOLD, min(_KEEP, 2**31 - 1))
+    done &= mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
     done &= mallopt(_M_TOP_PAD, 64 << 20)
     return bool(done)
