@@ -388,7 +388,9 @@ class Trainer:
         if payload["converted"]:
             self._convert()  # the architecture; the checkpoint then overwrites every tensor
         self.model.load_state_dict(payload["model"])
-        if payload["optimizer"] is not None:
+        # A checkpoint written after the last phase (killed while writing the outputs, or a
+        # finished run resumed) has no phase left to optimize; the caller writes the outputs.
+        if payload["optimizer"] is not None and self.state.phase_index < len(self.plan):
             self._start_phase_optimizer(self.plan[self.state.phase_index][0])
             assert self.optimizer is not None and self.scheduler is not None
             self.optimizer.load_state_dict(payload["optimizer"])

@@ -301,6 +301,24 @@ def test_a_huge_learning_rate_diverges_with_one_line(tmp_path: Path) -> None:
     assert _checkpoint(out)["state"]["history"] == []  # the starting point
 
 
+def test_resuming_a_finished_run_rewrites_its_outputs(tmp_path: Path) -> None:
+    """The last checkpoint is saved before the outputs: a run killed while writing them (or a
+    finished run resumed) must finish from there, with the same weights."""
+    out = tmp_path / "run"
+    assert runner.invoke(app, [*QUICK_TRAIN, "--epochs", "1", "--finetune", "0.5",
+                               "--out", str(out)]).exit_code == 0  # fmt: skip
+    before = load_file(str(out / "model.safetensors"))
+    (out / "model.safetensors").unlink()
+    (out / "report.json").unlink()
+    result = runner.invoke(app, [*QUICK_TRAIN, "--epochs", "1", "--finetune", "0.5",
+                                 "--out", str(out), "--resume"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    after = load_file(str(out / "model.safetensors"))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert (out / "report.json").exists()
+
+
 def test_resume_without_a_checkpoint_says_what_to_do(tmp_path: Path) -> None:
     result = runner.invoke(app, [*QUICK_TRAIN, "--out", str(tmp_path / "never"), "--resume"])
     assert result.exit_code == 2
