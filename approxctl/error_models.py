@@ -104,21 +104,13 @@ class ErrorModel(nn.Module):
         raise NotImplementedError
 
     def inject(
-        self,
-        y: torch.Tensor,
-        scale: torch.Tensor,
-        bias: torch.Tensor,
-        layout: ChannelLayout,
-        *,
-        inplace: bool = False,
+        self, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, layout: ChannelLayout
     ) -> torch.Tensor:
         """Outputs ``y = v * scale + bias`` plus the error drawn at v, times ``scale``.
 
         ``scale``/``bias`` broadcast per channel; the gradient passes straight through to y.
         """
-        return add_error(
-            y, self.noise_spec(), scale=scale, bias=bias, layout=layout, inplace=inplace
-        )
+        return add_error(y, self.noise_spec(), scale=scale, bias=bias, layout=layout)
 
     def sample(self, v: torch.Tensor) -> torch.Tensor:
         """The error alone that ``inject`` would add at accumulator values ``v`` (tests, plots)."""

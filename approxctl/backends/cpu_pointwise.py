@@ -95,6 +95,24 @@ def _draw_error(  # type: ignore[no-untyped-def]
         t[half + i] = table[hashes[i] >> np.uint32(shift)]
 
 
+@numba.njit(inline="always")
+def _write_output(  # type: ignore[no-untyped-def]
+    v, start, noise, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, t, sd, err, hashes,
+    s_c, b_c, out,
+):
+    """out[i] = (v[i] + error drawn at v[i]) * s_c + b_c for one block (no error unless
+    ``noise``): the common tail of the fused proxy kernels."""
+    m = v.shape[0]
+    if noise:
+        _draw_error(v, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift,
+                    t[:m], sd[:m], err[:m], hashes)  # fmt: skip
+        for i in range(m):
+            out[i] = (v[i] + (err[i] + sd[i] * t[i])) * s_c + b_c
+    else:
+        for i in range(m):
+            out[i] = v[i] * s_c + b_c
+
+
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
 def add_noise(y, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, scale, bias, inner, out):  # type: ignore[no-untyped-def]
     """out = y + error(v) * scale[c], v = (y - bias[c]) / scale[c]. ``out`` may be ``y``."""
@@ -200,14 +218,8 @@ def sc_proxy_forward(  # type: ignore[no-untyped-def]
                     ep[i] = a
                     en[i] = b
                     v[i] = b - a
-                if noise:
-                    _draw_error(v[:m], start, key, mu_coef, sigma_coef, lo, hi, bounds, table,
-                                shift, t[:m], sd[:m], err[:m], hashes)  # fmt: skip
-                    for i in range(m):
-                        os_[i] = (v[i] + (err[i] + sd[i] * t[i])) * s_c + b_c
-                else:
-                    for i in range(m):
-                        os_[i] = v[i] * s_c + b_c
+                _write_output(v[:m], start, noise, key, mu_coef, sigma_coef, lo, hi, bounds,
+                              table, shift, t, sd, err, hashes, s_c, b_c, os_)  # fmt: skip
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract", "reassoc"})
@@ -276,14 +288,8 @@ def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
                             | (8 if zero <= b[i] <= limit else 0)
                         )
                 os_ = out[start:stop]
-                if noise:
-                    _draw_error(v[:m], start, key, mu_coef, sigma_coef, lo, hi, bounds, table,
-                                shift, t[:m], sd[:m], err[:m], hashes)  # fmt: skip
-                    for i in range(m):
-                        os_[i] = (v[i] + (err[i] + sd[i] * t[i])) * s_c + b_c
-                else:
-                    for i in range(m):
-                        os_[i] = v[i] * s_c + b_c
+                _write_output(v[:m], start, noise, key, mu_coef, sigma_coef, lo, hi, bounds,
+                              table, shift, t, sd, err, hashes, s_c, b_c, os_)  # fmt: skip
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract", "reassoc"})
