@@ -60,7 +60,8 @@ def test_torchrun_two_processes_train_and_only_rank_0_writes(tmp_path: Path) -> 
     ]  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+    # A rank's own error comes first; torchrun's summary of the failure fills the tail.
+    assert done.returncode == 0, done.stderr[:2500] + "\n...\n" + done.stderr[-1000:]
     doc = json.loads(done.stdout)
     assert [r["phase"] for r in doc["history"]] == ["inject", "finetune"]
     assert (tmp_path / "model.safetensors").is_file()

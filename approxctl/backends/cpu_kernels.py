@@ -11,6 +11,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from approxctl.backends.numba_cache import process_safe
+
 
 @numba.njit(inline="always")
 def _popcount64(x: np.uint64) -> int:
@@ -20,6 +22,7 @@ def _popcount64(x: np.uint64) -> int:
     return int((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
 
 
+@process_safe
 @numba.njit(parallel=True, cache=True, nogil=True)
 def sc_or_and(a, phase_a, table_a, b_pos, b_neg, out):  # type: ignore[no-untyped-def]
     """OR over k of (stream(a[r,k]) AND stream(b[o,k])), popcounted, for both weight signs.
@@ -53,6 +56,7 @@ def sc_or_and(a, phase_a, table_a, b_pos, b_neg, out):  # type: ignore[no-untype
             out[r, o, 1] = ones_n
 
 
+@process_safe
 @numba.njit(parallel=True, cache=True, nogil=True)
 def analog_adc(a, b_pos, b_neg, array_size, levels, adc_max, out):  # type: ignore[no-untyped-def]
     """sum over arrays of ADC(partial sum of a * b+) - ADC(partial sum of a * b-).
@@ -90,6 +94,7 @@ def analog_adc(a, b_pos, b_neg, array_size, levels, adc_max, out):  # type: igno
         out[r, :] = total
 
 
+@process_safe
 @numba.njit(parallel=True, cache=True, nogil=True)
 def lut_gather(a, b, table, skip_row, out):  # type: ignore[no-untyped-def]
     """out[r, o] = sum_k table[a[r, k], b[k, o]] with indices already offset to be >= 0.
@@ -111,6 +116,7 @@ def lut_gather(a, b, table, skip_row, out):  # type: ignore[no-untyped-def]
         out[r, :] = acc
 
 
+@process_safe
 @numba.njit(parallel=True, cache=True, nogil=True)
 def sc_conv2d(x, phase_a, table_a, b_pos, b_neg, geometry, out):  # type: ignore[no-untyped-def]
     """Direct SC convolution: ``sc_or_and`` on every output position without im2col.
@@ -155,6 +161,7 @@ def sc_conv2d(x, phase_a, table_a, b_pos, b_neg, geometry, out):  # type: ignore
                     out[n, g * og + o, oh, ow] = ones
 
 
+@process_safe
 @numba.njit(parallel=True, cache=True, nogil=True)
 def analog_conv2d(x, b_pos, b_neg, array_size, levels, adc_max, geometry, out):  # type: ignore[no-untyped-def]
     """Direct analog convolution: ``analog_adc`` on every output position without im2col.

@@ -26,6 +26,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from approxctl.backends.numba_cache import process_safe
+
 BLOCK = 2048
 CHUNKS = 64  # parallel tasks per kernel call (the scratch of each is allocated once)
 _MASK32 = np.uint64(0xFFFFFFFF)
@@ -113,6 +115,7 @@ def _write_output(  # type: ignore[no-untyped-def]
             out[i] = v[i] * s_c + b_c
 
 
+@process_safe
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
 def add_noise(y, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, scale, bias, inner, out):  # type: ignore[no-untyped-def]
     """out = y + error(v) * scale[c], v = (y - bias[c]) / scale[c]. ``out`` may be ``y``."""
@@ -181,6 +184,7 @@ def _exp_neg(z: np.float32) -> np.float32:
     return p * _float_from_bits((np.int32(127) - np.int32(k)) << np.int32(23))
 
 
+@process_safe
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
 def sc_proxy_forward(  # type: ignore[no-untyped-def]
     z_pos, z_neg, scale, bias, inner,
@@ -222,6 +226,7 @@ def sc_proxy_forward(  # type: ignore[no-untyped-def]
                               table, shift, t, sd, err, hashes, s_c, b_c, os_)  # fmt: skip
 
 
+@process_safe
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract", "reassoc"})
 def sc_proxy_backward(grad, e_pos, e_neg, scale, inner, grad_pos, grad_neg, grad_sums):  # type: ignore[no-untyped-def]
     """d/dz+ = grad * scale * e+, d/dz- = -grad * scale * e-; ``grad_sums[segment]`` = the sum of
@@ -240,6 +245,7 @@ def sc_proxy_backward(grad, e_pos, e_neg, scale, inner, grad_pos, grad_neg, grad
         grad_sums[seg] = total
 
 
+@process_safe
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
 def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
     z0, z1, z2, z3, four, limit, scale, bias, inner,
@@ -292,6 +298,7 @@ def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
                               table, shift, t, sd, err, hashes, s_c, b_c, os_)  # fmt: skip
 
 
+@process_safe
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract", "reassoc"})
 def hardtanh_proxy_backward(grad, inside, scale, inner, g0, g1, g2, g3, four, grad_sums):  # type: ignore[no-untyped-def]
     """g_j = +-grad * scale where bit j of ``inside`` is set (the signs of the forward), else 0
@@ -318,6 +325,7 @@ def hardtanh_proxy_backward(grad, inside, scale, inner, g0, g1, g2, g3, four, gr
         grad_sums[seg] = total
 
 
+@process_safe
 @numba.njit(parallel=True, cache=True, nogil=True)
 def fake_quant_forward(x, inv_step, step, qmin, qmax, out, inside):  # type: ignore[no-untyped-def]
     """out = clamp(rint(x * inv_step), qmin, qmax) * step, as torch.fake_quantize_per_tensor_affine
@@ -334,6 +342,7 @@ def fake_quant_forward(x, inv_step, step, qmin, qmax, out, inside):  # type: ign
             ins[i] = np.uint8(1 if qmin <= q <= qmax else 0)
 
 
+@process_safe
 @numba.njit(parallel=True, cache=True, nogil=True)
 def masked_grad(grad, inside, out):  # type: ignore[no-untyped-def]
     """out = grad where ``inside`` else 0."""
