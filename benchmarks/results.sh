@@ -10,7 +10,10 @@
 # Then: .venv/bin/python benchmarks/results_table.py runs/results > docs/results.md
 #
 # Settings (environment): EPOCHS, FINETUNE, PRETRAIN, MODELS, TARGETS, LIMIT_TRAIN, LIMIT_VAL,
-# DATA (a --data spec), OUT, APPROXCTL (the command, default .venv/bin/approxctl), and JOBS:
+# LR and SCHEDULER (of every non-float run; the float pretraining keeps lr 0.01, cosine),
+# NOPROXY=0 (skip the no-proxy runs), WEIGHTS (the OUT of an earlier run: its
+# MODEL-float/pretrained.safetensors replace pretraining again), DATA (a --data spec), OUT,
+# APPROXCTL (the command, default .venv/bin/approxctl), and JOBS:
 # how many runs of one model go at once after its float pretraining (default 1; more only where
 # the accuracy matters and not the per-epoch seconds, which concurrent runs distort).
 set -euo pipefail
@@ -24,7 +27,8 @@ MODELS=${MODELS:-"tinyconv resnet_tiny"}
 TARGETS=${TARGETS:-"sc am analog"}
 JOBS=${JOBS:-1}
 COMMON=(--data "${DATA:-fashion-mnist}" --limit-train "${LIMIT_TRAIN:-8192}"
-        --limit-val "${LIMIT_VAL:-2000}" --batch-size 128 --lr 0.01 --seed 0 --quiet --json)
+        --limit-val "${LIMIT_VAL:-2000}" --batch-size 128 --seed 0 --quiet --json)
+TRAIN=(--lr "${LR:-0.01}" --scheduler "${SCHEDULER:-cosine}")
 mkdir -p "$OUT"
 
 run() {  # run NAME ARGS...: one approxctl train, its JSON report kept as $OUT/NAME.json
@@ -48,20 +52,25 @@ throttle() {  # wait until fewer than JOBS runs are going
 total=$(python3 -c "print($EPOCHS + $FINETUNE)")
 status=0
 for model in $MODELS; do
-    run "$model-float" "$model" --target am --pretrain "$PRETRAIN" --epochs 0 --finetune 0 \
-        || { status=1; continue; }
-    weights="$OUT/$model-float/pretrained.safetensors"
+    if [[ -n ${WEIGHTS:-} ]]; then
+        weights="$WEIGHTS/$model-float/pretrained.safetensors"
+        cp -n "$WEIGHTS/$model-float.json" "$OUT/"  # its float column, for results_table.py
+    else
+        run "$model-float" "$model" --target am --pretrain "$PRETRAIN" --epochs 0 --finetune 0 \
+            --lr 0.01 --scheduler cosine || { status=1; continue; }
+        weights="$OUT/$model-float/pretrained.safetensors"
+    fi
     for target in $TARGETS; do
         throttle
         run "$model-$target-inject" "$model" --target "$target" --weights "$weights" \
-            --epochs "$EPOCHS" --finetune "$FINETUNE" &
+            --epochs "$EPOCHS" --finetune "$FINETUNE" "${TRAIN[@]}" &
         throttle
         run "$model-$target-exact" "$model" --target "$target" --weights "$weights" \
-            --epochs 0 --finetune "$total" &
-        if [[ $target != am ]]; then
+            --epochs 0 --finetune "$total" "${TRAIN[@]}" &
+        if [[ $target != am && ${NOPROXY:-1} != 0 ]]; then
             throttle
             run "$model-$target-noproxy" "$model" --target "$target" --weights "$weights" \
-                --epochs 0 --finetune "$total" --no-proxy &
+                --epochs 0 --finetune "$total" --no-proxy "${TRAIN[@]}" &
         fi
     done
     while (( $(jobs -rp | wc -l) > 0 )); do wait -n || status=1; done
