@@ -4,8 +4,9 @@ numba's cache (``cache=True``) is not process safe (numba issue #4807): each pro
 cache index, picks the first free data-file number for its new signature and rewrites the index.
 Two processes compiling at once (the ranks of ``torchrun``, parallel ``approxctl`` jobs, the
 first run after an install) can give one file number to two signatures, and a process then loads
-machine code compiled for other argument types and crashes (a rank of the distributed test died
-of SIGABRT this way on a clean checkout).
+machine code compiled for other argument types and crashes (the likely cause of a torchrun rank
+of the distributed test dying of SIGABRT on a clean checkout in CI; reproduced here with processes
+compiling one cached kernel in different signature orders).
 
 :func:`process_safe` makes a kernel's compile step (cache lookup, compilation, cache write) hold
 an exclusive ``flock`` on a lock file in the kernel's cache directory, so the read-modify-write
