@@ -235,7 +235,6 @@ def test_fused_kernels_serve_linear_layouts() -> None:
     z_pos, z_neg = torch.rand(5, 7), torch.rand(5, 7)
     scale, bias = torch.rand(7) + 0.5, torch.randn(7)
     out = sc_activation(z_pos, z_neg, scale, bias, layout=ChannelLayout(7, 1))
-    expected = (torch.exp(-z_neg) * -1 + torch.exp(-z_pos) * 0 + 1 - 1 + torch.exp(-z_neg)) * 0
     expected = ((1 - torch.exp(-z_pos)) - (1 - torch.exp(-z_neg))) * scale + bias
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     assert cpu_pointwise is not None
@@ -276,3 +275,53 @@ def test_nan_inputs_stay_nan_in_the_fused_kernels() -> None:
     ]
     for out in outputs:
         assert torch.isnan(out[0]) and torch.isfinite(out[1])
+
+
+# Segment lengths that take every block shape of the kernels: short segments in flat loops
+# (1, 3), runs of whole segments (35), one segment per block (1500) and segments cut in pieces
+# (5000); channel counts that do not divide the segments per block, so channels wrap inside and
+# across blocks.
+BLOCK_SHAPES = [(1, 7, 900), (3, 5, 400), (35, 3, 70), (1500, 3, 3), (5000, 2, 2)]
+
+
+@pytest.mark.parametrize(("inner", "channels", "samples"), BLOCK_SHAPES)
+def test_every_block_shape_applies_each_channels_scale_and_bias(
+    inner: int, channels: int, samples: int
+) -> None:
+    """sigma = 0, mu(t) = 0.5 + 0.5 t with t = v / 50: add_error adds mu * scale[c] =
+    0.5 * scale[c] + 0.01 * (y - bias[c]) to every element of channel c (so both its passes
+    must pick the element's channel), and the fused activation applies its channel's affine
+    map, whatever the cut."""
+    torch.manual_seed(0)
+    shape = (samples, channels, inner)
+    layout = ChannelLayout(channels, inner)
+    scale = (torch.rand(channels) + 0.5).view(1, -1, 1)
+    bias = torch.randn(channels).view(1, -1, 1)
+    y = torch.randn(shape)
+    spec = NoiseSpec(torch.tensor([0.5, 0.5]), torch.tensor([0.0]), -50.0, 50.0)
+    out = add_error(y, spec, scale=scale, bias=bias, layout=layout)
+    torch.testing.assert_close(out - y, 0.5 * scale + 0.01 * (y - bias), rtol=1e-5, atol=1e-6)
+    z_pos, z_neg = torch.rand(shape) * 2, torch.rand(shape) * 2
+    fused = sc_activation(z_pos, z_neg, scale, bias, layout=layout)
+    expected = ((1 - torch.exp(-z_pos)) - (1 - torch.exp(-z_neg))) * scale + bias
+    torch.testing.assert_close(fused, expected, rtol=1e-6, atol=1e-6)
+    a, b = torch.rand(shape) * 3 - 1, torch.rand(shape) * 3 - 1
+    pair = hardtanh_pairs([(a, b)], 1.5, scale, bias, layout=layout)
+    torch.testing.assert_close(pair, (a.clamp(0, 1.5) - b.clamp(0, 1.5)) * scale + bias)
+
+
+@pytest.mark.parametrize(("inner", "channels", "samples"), BLOCK_SHAPES)
+def test_every_block_shape_draws_the_same_error_in_fused_and_separate_kernels(
+    inner: int, channels: int, samples: int
+) -> None:
+    shape = (samples, channels, inner)
+    layout, one = ChannelLayout(channels, inner), torch.ones(())
+    z_pos, z_neg = torch.rand(shape) * 2, torch.rand(shape) * 2
+    spec = NoiseSpec(torch.tensor([0.1, -0.2, 0.05]), torch.tensor([0.2, 0.1]), -0.8, 0.9)
+    torch.manual_seed(5)
+    fused = sc_activation(z_pos, z_neg, one, None, layout=layout, noise=spec)
+    plain = sc_activation(z_pos, z_neg, one, None, layout=layout)
+    torch.manual_seed(5)
+    separate = add_error(plain, spec, scale=one, bias=torch.zeros(()), layout=layout)
+    assert torch.equal(fused, separate)
+    assert float((fused - plain).std()) > 0.1  # a real draw: sigma(t) is 0.1 to 0.3

@@ -8,7 +8,10 @@ float step is itself only a few convolutions.
 
 Every kernel walks a contiguous output as channel-major segments: ``inner`` elements per (sample,
 channel), channel ``c = segment mod channels``, with one output scale and bias per channel. Work is
-split into blocks of ``BLOCK`` elements inside a segment, so loops over a block vectorize.
+split into blocks of at most ``BLOCK`` elements, so loops over a block vectorize: pieces of one
+long segment, or runs of whole short segments (a linear layer's segments are one element each;
+a block per segment would spend its time in set-up). Segments shorter than ``SHORT`` are written
+in one flat loop per block.
 
 The injected error (SPEC section 4) at accumulator value v is ``mu(t) + sigma(t) * eps``,
 t = clamp(v, lo, hi) mapped onto [-1, 1], mu and sigma polynomials (lowest order first; degree 0
@@ -29,6 +32,7 @@ from numba.extending import intrinsic
 from approxctl.backends.numba_cache import process_safe
 
 BLOCK = 2048
+SHORT = 16  # segments shorter than this are written in one flat loop per block
 CHUNKS = 64  # parallel tasks per kernel call (the scratch of each is allocated once)
 _MASK32 = np.uint64(0xFFFFFFFF)
 
@@ -98,21 +102,79 @@ def _draw_error(  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always")
+def _blocks(segments, inner):  # type: ignore[no-untyped-def]
+    """How the kernels cut the output into blocks: ``(group, blocks)``. A block is a run of
+    ``group`` whole segments when segments are short (a linear layer's hold one element each,
+    and per-block set-up would otherwise dominate), else one segment, itself walked in pieces of
+    at most BLOCK elements. Every kernel cuts the same way, so they draw the same errors."""
+    group = max(1, BLOCK // inner)
+    return group, (segments + group - 1) // group
+
+
+@numba.njit(inline="always")
 def _write_output(  # type: ignore[no-untyped-def]
     v, start, noise, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, t, sd, err, hashes,
-    s_c, b_c, out,
+    scale, bias, seg, inner, out,
 ):
-    """out[i] = (v[i] + error drawn at v[i]) * s_c + b_c for one block (no error unless
-    ``noise``): the common tail of the fused proxy kernels."""
+    """out[i] = (v[i] + error drawn at v[i]) * scale[c] + bias[c] for one block (no error unless
+    ``noise``), the block starting in segment ``seg``: the common tail of the fused proxy
+    kernels."""
     m = v.shape[0]
     if noise:
         _draw_error(v, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift,
                     t[:m], sd[:m], err[:m], hashes)  # fmt: skip
+    channels = scale.shape[0]
+    length = min(inner, m)  # a piece of one segment, or whole segments
+    c = seg % channels
+    if length < SHORT:  # per-segment slices would cost more than the work: one flat loop
+        j = 0
         for i in range(m):
-            out[i] = (v[i] + (err[i] + sd[i] * t[i])) * s_c + b_c
-    else:
-        for i in range(m):
-            out[i] = v[i] * s_c + b_c
+            e = err[i] + sd[i] * t[i] if noise else np.float32(0.0)
+            out[i] = (v[i] + e) * scale[c] + bias[c]
+            j += 1
+            if j == length:
+                j = 0
+                c = c + 1 if c + 1 < channels else 0
+        return
+    for first in range(0, m, length):
+        s_c, b_c = scale[c], bias[c]
+        vs, os_ = v[first : first + length], out[first : first + length]
+        if noise:
+            ts, ss = t[first : first + length], sd[first : first + length]
+            es = err[first : first + length]
+            for i in range(length):
+                os_[i] = (vs[i] + (es[i] + ss[i] * ts[i])) * s_c + b_c
+        else:
+            for i in range(length):
+                os_[i] = vs[i] * s_c + b_c
+        c = c + 1 if c + 1 < channels else 0
+
+
+@numba.njit(inline="always")
+def _add_noise_short(  # type: ignore[no-untyped-def]
+    y, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, scale, bias, seg, length,
+    v, t, sd, err, hashes, out,
+):
+    """add_noise's block of whole segments shorter than SHORT, in flat loops (the channel
+    advances every ``length`` elements); the same arithmetic as the per-segment loops."""
+    m = v.shape[0]
+    channels = scale.shape[0]
+    c, j = seg % channels, 0
+    for i in range(m):
+        v[i] = (y[start + i] - bias[c]) * (np.float32(1.0) / scale[c])
+        j += 1
+        if j == length:
+            j = 0
+            c = c + 1 if c + 1 < channels else 0
+    _draw_error(v, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift,
+                t[:m], sd[:m], err[:m], hashes)  # fmt: skip
+    c, j = seg % channels, 0
+    for i in range(m):
+        out[start + i] = y[start + i] + (err[i] + sd[i] * t[i]) * scale[c]
+        j += 1
+        if j == length:
+            j = 0
+            c = c + 1 if c + 1 < channels else 0
 
 
 @process_safe
@@ -121,29 +183,46 @@ def add_noise(y, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, scale, 
     """out = y + error(v) * scale[c], v = (y - bias[c]) / scale[c]. ``out`` may be ``y``."""
     n = y.shape[0]
     channels = scale.shape[0]
-    segments = n // inner
-    # Few chunks, each allocating its scratch once: an allocation per segment costs more
-    # than a small segment's work. Chunking does not change results.
-    chunks = min(segments, CHUNKS)
+    group, blocks = _blocks(n // inner, inner)
+    # Few chunks, each allocating its scratch once: an allocation per block costs more than a
+    # small block's work. Chunking does not change results.
+    chunks = min(blocks, CHUNKS)
     for chunk in numba.prange(chunks):
         v = np.empty(BLOCK, dtype=np.float32)
         t = np.empty(BLOCK, dtype=np.float32)
         err = np.empty(BLOCK, dtype=np.float32)
         sd = np.empty(BLOCK, dtype=np.float32)
         hashes = np.empty(BLOCK // 2, dtype=np.uint32)
-        for seg in range(chunk * segments // chunks, (chunk + 1) * segments // chunks):
-            c = seg % channels
-            s_c, b_c = scale[c], bias[c]
-            inv_s = np.float32(1.0) / s_c
-            for start in range(seg * inner, seg * inner + inner, BLOCK):
-                m = min(seg * inner + inner, start + BLOCK) - start
-                ys, os_ = y[start : start + m], out[start : start + m]
-                for i in range(m):
-                    v[i] = (ys[i] - b_c) * inv_s
+        for blk in range(chunk * blocks // chunks, (chunk + 1) * blocks // chunks):
+            seg = blk * group
+            end = min(seg + group, n // inner) * inner
+            for start in range(seg * inner, end, BLOCK):
+                m = min(end, start + BLOCK) - start
+                length = min(inner, m)
+                if length < SHORT:  # per-segment slices would cost more than the work
+                    _add_noise_short(y, start, key, mu_coef, sigma_coef, lo, hi, bounds, table,
+                                     shift, scale, bias, seg, length, v[:m], t, sd, err, hashes,
+                                     out)  # fmt: skip
+                    continue
+                c = seg % channels
+                for first in range(0, m, length):
+                    b_c, inv_s = bias[c], np.float32(1.0) / scale[c]
+                    ys, vs = y[start + first : start + first + length], v[first : first + length]
+                    for i in range(length):
+                        vs[i] = (ys[i] - b_c) * inv_s
+                    c = c + 1 if c + 1 < channels else 0
                 _draw_error(v[:m], start, key, mu_coef, sigma_coef, lo, hi, bounds, table,
                             shift, t[:m], sd[:m], err[:m], hashes)  # fmt: skip
-                for i in range(m):
-                    os_[i] = ys[i] + (err[i] + sd[i] * t[i]) * s_c
+                c = seg % channels
+                for first in range(0, m, length):
+                    s_c = scale[c]
+                    lo_, hi_ = start + first, start + first + length
+                    ys, os_ = y[lo_:hi_], out[lo_:hi_]
+                    es, ss = err[first : first + length], sd[first : first + length]
+                    ts = t[first : first + length]
+                    for i in range(length):
+                        os_[i] = ys[i] + (es[i] + ss[i] * ts[i]) * s_c
+                    c = c + 1 if c + 1 < channels else 0
 
 
 @intrinsic
@@ -197,22 +276,21 @@ def sc_proxy_forward(  # type: ignore[no-untyped-def]
     out = (v + error(v)) * scale[c] + bias[c]. ``e_pos``/``e_neg`` may be ``z_pos``/``z_neg``.
     """
     n = z_pos.shape[0]
-    channels = scale.shape[0]
-    segments = n // inner
-    # Few chunks, each allocating its scratch once: an allocation per segment costs more
-    # than a small segment's work. Chunking does not change results.
-    chunks = min(segments, CHUNKS)
+    group, blocks = _blocks(n // inner, inner)
+    # Few chunks, each allocating its scratch once: an allocation per block costs more than a
+    # small block's work. Chunking does not change results.
+    chunks = min(blocks, CHUNKS)
     for chunk in numba.prange(chunks):
         v = np.empty(BLOCK, dtype=np.float32)
         t = np.empty(BLOCK, dtype=np.float32)
         err = np.empty(BLOCK, dtype=np.float32)
         sd = np.empty(BLOCK, dtype=np.float32)
         hashes = np.empty(BLOCK // 2, dtype=np.uint32)
-        for seg in range(chunk * segments // chunks, (chunk + 1) * segments // chunks):
-            c = seg % channels
-            s_c, b_c = scale[c], bias[c]
-            for start in range(seg * inner, seg * inner + inner, BLOCK):
-                stop = min(seg * inner + inner, start + BLOCK)
+        for blk in range(chunk * blocks // chunks, (chunk + 1) * blocks // chunks):
+            seg = blk * group
+            end = min(seg + group, n // inner) * inner
+            for start in range(seg * inner, end, BLOCK):
+                stop = min(end, start + BLOCK)
                 m = stop - start
                 zp, zn = z_pos[start:stop], z_neg[start:stop]
                 ep, en, os_ = e_pos[start:stop], e_neg[start:stop], out[start:stop]
@@ -223,7 +301,8 @@ def sc_proxy_forward(  # type: ignore[no-untyped-def]
                     en[i] = b
                     v[i] = b - a
                 _write_output(v[:m], start, noise, key, mu_coef, sigma_coef, lo, hi, bounds,
-                              table, shift, t, sd, err, hashes, s_c, b_c, os_)  # fmt: skip
+                              table, shift, t, sd, err, hashes, scale, bias, seg, inner,
+                              os_)  # fmt: skip
 
 
 @process_safe
@@ -261,11 +340,10 @@ def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
     out = (v + error(v)) * scale[c] + bias[c].
     """
     n = z0.shape[0]
-    channels = scale.shape[0]
-    segments = n // inner
-    # Few chunks, each allocating its scratch once: an allocation per segment costs more
-    # than a small segment's work. Chunking does not change results.
-    chunks = min(segments, CHUNKS)
+    group, blocks = _blocks(n // inner, inner)
+    # Few chunks, each allocating its scratch once: an allocation per block costs more than a
+    # small block's work. Chunking does not change results.
+    chunks = min(blocks, CHUNKS)
     zero = np.float32(0.0)
     for chunk in numba.prange(chunks):
         v = np.empty(BLOCK, dtype=np.float32)
@@ -273,11 +351,11 @@ def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
         err = np.empty(BLOCK, dtype=np.float32)
         sd = np.empty(BLOCK, dtype=np.float32)
         hashes = np.empty(BLOCK // 2, dtype=np.uint32)
-        for seg in range(chunk * segments // chunks, (chunk + 1) * segments // chunks):
-            c = seg % channels
-            s_c, b_c = scale[c], bias[c]
-            for start in range(seg * inner, seg * inner + inner, BLOCK):
-                stop = min(seg * inner + inner, start + BLOCK)
+        for blk in range(chunk * blocks // chunks, (chunk + 1) * blocks // chunks):
+            seg = blk * group
+            end = min(seg + group, n // inner) * inner
+            for start in range(seg * inner, end, BLOCK):
+                stop = min(end, start + BLOCK)
                 m = stop - start
                 a, b, code = z0[start:stop], z1[start:stop], inside[start:stop]
                 for i in range(m):
@@ -295,7 +373,8 @@ def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
                         )
                 os_ = out[start:stop]
                 _write_output(v[:m], start, noise, key, mu_coef, sigma_coef, lo, hi, bounds,
-                              table, shift, t, sd, err, hashes, s_c, b_c, os_)  # fmt: skip
+                              table, shift, t, sd, err, hashes, scale, bias, seg, inner,
+                              os_)  # fmt: skip
 
 
 @process_safe
