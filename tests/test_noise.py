@@ -278,10 +278,10 @@ def test_nan_inputs_stay_nan_in_the_fused_kernels() -> None:
 
 
 # Segment lengths that take every block shape of the kernels: short segments in flat loops
-# (1, 3), runs of whole segments (35), one segment per block (1500) and segments cut in pieces
-# (5000); channel counts that do not divide the segments per block, so channels wrap inside and
-# across blocks.
-BLOCK_SHAPES = [(1, 7, 900), (3, 5, 400), (35, 3, 70), (1500, 3, 3), (5000, 2, 2)]
+# (1, 3), runs of whole segments (35), one segment per block (1500), segments cut in pieces
+# (5000) and a last piece shorter than the flat-loop threshold (2050 = 2048 + 2); channel counts
+# that do not divide the segments per block, so channels wrap inside and across blocks.
+BLOCK_SHAPES = [(1, 7, 900), (3, 5, 400), (35, 3, 70), (1500, 3, 3), (5000, 2, 2), (2050, 3, 2)]
 
 
 @pytest.mark.parametrize(("inner", "channels", "samples"), BLOCK_SHAPES)

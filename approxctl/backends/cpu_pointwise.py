@@ -9,9 +9,9 @@ float step is itself only a few convolutions.
 Every kernel walks a contiguous output as channel-major segments: ``inner`` elements per (sample,
 channel), channel ``c = segment mod channels``, with one output scale and bias per channel. Work is
 split into blocks of at most ``BLOCK`` elements, so loops over a block vectorize: pieces of one
-long segment, or runs of whole short segments (a linear layer's segments are one element each;
-a block per segment would spend its time in set-up). Segments shorter than ``SHORT`` are written
-in one flat loop per block.
+segment, or runs of whole segments shorter than ``GROUP_BELOW`` (a linear layer's segments are
+one element each; a block per segment would spend its time in set-up). Segments shorter than
+``SHORT`` are written in one flat loop per block.
 
 The injected error (SPEC section 4) at accumulator value v is ``mu(t) + sigma(t) * eps``,
 t = clamp(v, lo, hi) mapped onto [-1, 1], mu and sigma polynomials (lowest order first; degree 0
@@ -33,6 +33,7 @@ from approxctl.backends.numba_cache import process_safe
 
 BLOCK = 2048
 SHORT = 16  # segments shorter than this are written in one flat loop per block
+GROUP_BELOW = 64  # shorter segments share blocks; longer ones (conv maps of 8x8 and up) do not
 CHUNKS = 64  # parallel tasks per kernel call (the scratch of each is allocated once)
 _MASK32 = np.uint64(0xFFFFFFFF)
 
@@ -106,8 +107,9 @@ def _blocks(segments, inner):  # type: ignore[no-untyped-def]
     """How the kernels cut the output into blocks: ``(group, blocks)``. A block is a run of
     ``group`` whole segments when segments are short (a linear layer's hold one element each,
     and per-block set-up would otherwise dominate), else one segment, itself walked in pieces of
-    at most BLOCK elements. Every kernel cuts the same way, so they draw the same errors."""
-    group = max(1, BLOCK // inner)
+    at most BLOCK elements (grouping longer segments measured no faster). Every kernel cuts the
+    same way, so they draw the same errors."""
+    group = max(1, BLOCK // inner) if inner < GROUP_BELOW else 1
     return group, (segments + group - 1) // group
 
 
