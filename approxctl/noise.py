@@ -101,16 +101,15 @@ class NoiseSpec:
         return sigma.mul_(torch.randn_like(t)).add_(mu)
 
 
-def padded_coefficients(*polys: torch.Tensor) -> list[np.ndarray]:
-    """float32 coefficient arrays of one common degree, a multiple of 4 (zeros on top), as the
-    kernels' four-coefficients-per-pass Horner loop takes them."""
-    degree = max(len(p) for p in polys) - 1
-    size = 4 * -(-degree // 4) + 1
+def padded_coefficients(*polys: torch.Tensor) -> list[tuple[np.float32, ...]]:
+    """The polynomials as tuples of float32 of one common length (zeros on top), as the kernels
+    take them: numba compiles one version per length, whose Horner loop unrolls."""
+    size = max(len(p) for p in polys)
     out = []
     for p in polys:
         values = np.zeros(size, dtype=np.float32)
         values[: len(p)] = p.detach().cpu().numpy()
-        out.append(values)
+        out.append(tuple(values))
     return out
 
 

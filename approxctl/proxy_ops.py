@@ -25,7 +25,7 @@ from approxctl.noise import (
     use_kernels,
 )
 
-_NO_NOISE_DEGREE = np.zeros(1, dtype=np.float32)
+_NO_NOISE_DEGREE = (np.float32(0.0),)
 _NO_BOUNDS = np.array([-np.inf, np.inf, np.inf], dtype=np.float32)
 
 

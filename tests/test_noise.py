@@ -47,15 +47,24 @@ def test_constant_model_has_the_asked_mean_std_and_gaussian_shape() -> None:
         assert abs(empirical - exact) < 2e-3
 
 
-def test_polynomial_mean_follows_the_accumulator_value_per_channel() -> None:
+@pytest.mark.parametrize(
+    ("mu", "sigma"),
+    [
+        ([0.1, -0.5, 0.25, 0.02], [0.0]),
+        ([0.3], [0.0, 0.0, 0.0]),  # the shorter polynomial is padded to the longer one's length
+        ([0.05, -0.2, 0.1, 0.3, -0.1, 0.02, 0.04, -0.03, 0.01, 0.02, -0.01], [0.0] * 11),
+    ],
+)
+def test_polynomial_mean_follows_the_accumulator_value_per_channel(
+    mu: list[float], sigma: list[float]
+) -> None:
     """With sigma = 0 the error is mu(t) * scale, t = clamp((y - bias) / scale) on [-1, 1]."""
     torch.manual_seed(0)
     y = torch.randn(4, 3, 5, 5) * 3
     scale = torch.tensor([0.5, 1.0, 2.0]).view(1, 3, 1, 1)
     bias = torch.tensor([0.1, -0.2, 0.3]).view(1, 3, 1, 1)
-    mu = [0.1, -0.5, 0.25, 0.02]
     out = _draw(
-        y, mu, [0.0], scale=scale, bias=bias, layout=ChannelLayout(3, 25), domain=(-2.0, 2.0)
+        y, mu, sigma, scale=scale, bias=bias, layout=ChannelLayout(3, 25), domain=(-2.0, 2.0)
     )
     t = ((y - bias) / scale).clamp(-2, 2) / 2
     expected = y + sum(c * t**i for i, c in enumerate(mu)) * scale

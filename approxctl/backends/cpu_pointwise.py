@@ -50,44 +50,35 @@ def _lowbias32(x: np.uint32) -> np.uint32:
 
 
 @numba.njit(inline="always")
+def _horner(coef, x):  # type: ignore[no-untyped-def]
+    """sum_j coef[j] x^j by Horner's rule. ``coef`` is a tuple, so its length is a compile-time
+    constant: the loop unrolls, and the loop around a call vectorizes."""
+    acc = coef[len(coef) - 1]
+    for j in range(len(coef) - 2, -1, -1):
+        acc = acc * x + coef[j]
+    return acc
+
+
+@numba.njit(inline="always")
 def _draw_error(  # type: ignore[no-untyped-def]
-    v, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, t, sd, err, hashes
+    v, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, t, err, hashes
 ):
-    """The error drawn at accumulator value v[i] for element ``start + i`` of the output is
-    ``err[i] + sd[i] * t[i]`` afterwards (mu, sigma and eps; callers fold the sum into their
-    output pass). ``bounds`` = (mu_min, mu_max, sigma_max): the polynomials are held inside the
+    """``err[i]`` = the error drawn at accumulator value v[i] for element ``start + i`` of the
+    output: ``mu + sigma * eps``. ``mu_coef``/``sigma_coef`` are tuples of float32 (lowest
+    order first); ``bounds`` = (mu_min, mu_max, sigma_max): the polynomials are held inside the
     range of the statistics they were fitted to.
 
-    ``v``, ``t``, ``sd``, ``err`` are slices of the block's length m; ``hashes`` (uint32, at
-    least (m + 1) // 2) is scratch. One hash of ``start + i`` serves
+    ``v``, ``t``, ``err`` are slices of the block's length m (``t`` is scratch: it holds eps);
+    ``hashes`` (uint32, at least (m + 1) // 2) is scratch. One hash of ``start + i`` serves
     elements i (its low bits) and (m + 1) // 2 + i (its high bits) of the block; the hash
     inputs of a block lie inside its own index range, so no two blocks share one. (Loops index
     slices from 0: numba cannot prove ``start + i`` non-negative, and the wraparound check it
     adds to such accesses stops loops from vectorizing.)
+
+    The table lookups have a loop of their own: a loop with an indexed load does not vectorize
+    (the table may alias the output), and everything else here does, in one pass.
     """
     m = v.shape[0]
-    mid = np.float32(0.5) * (lo + hi)
-    inv_half = np.float32(2.0) / (hi - lo)
-    # Both polynomials have the same degree, a multiple of 4 (padded with zero coefficients by
-    # the caller), so Horner's rule runs four coefficients per pass over the block: with one
-    # coefficient per pass, loads and stores, not arithmetic, would bound the loop.
-    deg = mu_coef.shape[0] - 1
-    top_mu, top_sigma = mu_coef[deg], sigma_coef[deg]
-    for i in range(m):
-        t[i] = (min(max(v[i], lo), hi) - mid) * inv_half
-        err[i] = top_mu
-        sd[i] = top_sigma
-    for j in range(deg - 1, -1, -4):
-        m0, m1, m2, m3 = mu_coef[j], mu_coef[j - 1], mu_coef[j - 2], mu_coef[j - 3]
-        s0, s1, s2, s3 = sigma_coef[j], sigma_coef[j - 1], sigma_coef[j - 2], sigma_coef[j - 3]
-        for i in range(m):
-            x = t[i]
-            err[i] = (((err[i] * x + m0) * x + m1) * x + m2) * x + m3
-            sd[i] = (((sd[i] * x + s0) * x + s1) * x + s2) * x + s3
-    mu_min, mu_max, sigma_max = bounds[0], bounds[1], bounds[2]
-    for i in range(m):
-        err[i] = min(max(err[i], mu_min), mu_max)
-        sd[i] = min(max(sd[i], np.float32(0.0)), sigma_max)
     # The index's high half (0 below 2^32 elements) goes into the salt, once per block.
     high = (np.uint64(start) >> np.uint64(32)) * np.uint64(0x85EBCA6B)
     salt = np.uint32((key ^ high) & _MASK32)
@@ -96,10 +87,18 @@ def _draw_error(  # type: ignore[no-untyped-def]
     for i in range(half):
         hashes[i] = _lowbias32(np.uint32(salt ^ np.uint32(low + np.uint32(i))))
     low_bits = np.uint32(table.shape[0] - 1)  # the table has 2^(32 - shift) entries
-    for i in range(half):  # t is free again: it holds eps from here on
+    for i in range(half):
         t[i] = table[hashes[i] & low_bits]
     for i in range(m - half):
         t[half + i] = table[hashes[i] >> np.uint32(shift)]
+    mid = np.float32(0.5) * (lo + hi)
+    inv_half = np.float32(2.0) / (hi - lo)
+    mu_min, mu_max, sigma_max = bounds[0], bounds[1], bounds[2]
+    for i in range(m):
+        x = (min(max(v[i], lo), hi) - mid) * inv_half
+        mu = min(max(_horner(mu_coef, x), mu_min), mu_max)
+        sigma = min(max(_horner(sigma_coef, x), np.float32(0.0)), sigma_max)
+        err[i] = mu + sigma * t[i]
 
 
 @numba.njit(inline="always")
@@ -115,8 +114,8 @@ def _blocks(segments, inner):  # type: ignore[no-untyped-def]
 
 @numba.njit(inline="always")
 def _write_output(  # type: ignore[no-untyped-def]
-    v, start, noise, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, t, sd, err, hashes,
-    scale, bias, seg, inner, out,
+    v, start, noise, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, t, err, hashes, scale,
+    bias, seg, inner, out,
 ):
     """out[i] = (v[i] + error drawn at v[i]) * scale[c] + bias[c] for one block (no error unless
     ``noise``), the block starting in segment ``seg``: the common tail of the fused proxy
@@ -124,14 +123,14 @@ def _write_output(  # type: ignore[no-untyped-def]
     m = v.shape[0]
     if noise:
         _draw_error(v, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift,
-                    t[:m], sd[:m], err[:m], hashes)  # fmt: skip
+                    t[:m], err[:m], hashes)  # fmt: skip
     channels = scale.shape[0]
     length = min(inner, m)  # a piece of one segment, or whole segments
     c = seg % channels
     if length < SHORT:  # per-segment slices would cost more than the work: one flat loop
         j = 0
         for i in range(m):
-            e = err[i] + sd[i] * t[i] if noise else np.float32(0.0)
+            e = err[i] if noise else np.float32(0.0)
             out[i] = (v[i] + e) * scale[c] + bias[c]
             j += 1
             if j == length:
@@ -142,10 +141,9 @@ def _write_output(  # type: ignore[no-untyped-def]
         s_c, b_c = scale[c], bias[c]
         vs, os_ = v[first : first + length], out[first : first + length]
         if noise:
-            ts, ss = t[first : first + length], sd[first : first + length]
             es = err[first : first + length]
             for i in range(length):
-                os_[i] = (vs[i] + (es[i] + ss[i] * ts[i])) * s_c + b_c
+                os_[i] = (vs[i] + es[i]) * s_c + b_c
         else:
             for i in range(length):
                 os_[i] = vs[i] * s_c + b_c
@@ -155,7 +153,7 @@ def _write_output(  # type: ignore[no-untyped-def]
 @numba.njit(inline="always")
 def _add_noise_short(  # type: ignore[no-untyped-def]
     y, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, scale, bias, seg, length,
-    v, t, sd, err, hashes, out,
+    v, t, err, hashes, out,
 ):
     """add_noise's block of whole segments shorter than SHORT, in flat loops (the channel
     advances every ``length`` elements); the same arithmetic as the per-segment loops."""
@@ -169,10 +167,10 @@ def _add_noise_short(  # type: ignore[no-untyped-def]
             j = 0
             c = c + 1 if c + 1 < channels else 0
     _draw_error(v, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift,
-                t[:m], sd[:m], err[:m], hashes)  # fmt: skip
+                t[:m], err[:m], hashes)  # fmt: skip
     c, j = seg % channels, 0
     for i in range(m):
-        out[start + i] = y[start + i] + (err[i] + sd[i] * t[i]) * scale[c]
+        out[start + i] = y[start + i] + err[i] * scale[c]
         j += 1
         if j == length:
             j = 0
@@ -193,7 +191,6 @@ def add_noise(y, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, scale, 
         v = np.empty(BLOCK, dtype=np.float32)
         t = np.empty(BLOCK, dtype=np.float32)
         err = np.empty(BLOCK, dtype=np.float32)
-        sd = np.empty(BLOCK, dtype=np.float32)
         hashes = np.empty(BLOCK // 2, dtype=np.uint32)
         for blk in range(chunk * blocks // chunks, (chunk + 1) * blocks // chunks):
             seg = blk * group
@@ -203,7 +200,7 @@ def add_noise(y, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, scale, 
                 length = min(inner, m)
                 if length < SHORT:  # per-segment slices would cost more than the work
                     _add_noise_short(y, start, key, mu_coef, sigma_coef, lo, hi, bounds, table,
-                                     shift, scale, bias, seg, length, v[:m], t, sd, err, hashes,
+                                     shift, scale, bias, seg, length, v[:m], t, err, hashes,
                                      out)  # fmt: skip
                     continue
                 c = seg % channels
@@ -214,16 +211,15 @@ def add_noise(y, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, scale, 
                         vs[i] = (ys[i] - b_c) * inv_s
                     c = c + 1 if c + 1 < channels else 0
                 _draw_error(v[:m], start, key, mu_coef, sigma_coef, lo, hi, bounds, table,
-                            shift, t[:m], sd[:m], err[:m], hashes)  # fmt: skip
+                            shift, t[:m], err[:m], hashes)  # fmt: skip
                 c = seg % channels
                 for first in range(0, m, length):
                     s_c = scale[c]
                     lo_, hi_ = start + first, start + first + length
                     ys, os_ = y[lo_:hi_], out[lo_:hi_]
-                    es, ss = err[first : first + length], sd[first : first + length]
-                    ts = t[first : first + length]
+                    es = err[first : first + length]
                     for i in range(length):
-                        os_[i] = ys[i] + (es[i] + ss[i] * ts[i]) * s_c
+                        os_[i] = ys[i] + es[i] * s_c
                     c = c + 1 if c + 1 < channels else 0
 
 
@@ -286,7 +282,6 @@ def sc_proxy_forward(  # type: ignore[no-untyped-def]
         v = np.empty(BLOCK, dtype=np.float32)
         t = np.empty(BLOCK, dtype=np.float32)
         err = np.empty(BLOCK, dtype=np.float32)
-        sd = np.empty(BLOCK, dtype=np.float32)
         hashes = np.empty(BLOCK // 2, dtype=np.uint32)
         for blk in range(chunk * blocks // chunks, (chunk + 1) * blocks // chunks):
             seg = blk * group
@@ -303,7 +298,7 @@ def sc_proxy_forward(  # type: ignore[no-untyped-def]
                     en[i] = b
                     v[i] = b - a
                 _write_output(v[:m], start, noise, key, mu_coef, sigma_coef, lo, hi, bounds,
-                              table, shift, t, sd, err, hashes, scale, bias, seg, inner,
+                              table, shift, t, err, hashes, scale, bias, seg, inner,
                               os_)  # fmt: skip
 
 
@@ -351,7 +346,6 @@ def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
         v = np.empty(BLOCK, dtype=np.float32)
         t = np.empty(BLOCK, dtype=np.float32)
         err = np.empty(BLOCK, dtype=np.float32)
-        sd = np.empty(BLOCK, dtype=np.float32)
         hashes = np.empty(BLOCK // 2, dtype=np.uint32)
         for blk in range(chunk * blocks // chunks, (chunk + 1) * blocks // chunks):
             seg = blk * group
@@ -375,7 +369,7 @@ def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
                         )
                 os_ = out[start:stop]
                 _write_output(v[:m], start, noise, key, mu_coef, sigma_coef, lo, hi, bounds,
-                              table, shift, t, sd, err, hashes, scale, bias, seg, inner,
+                              table, shift, t, err, hashes, scale, bias, seg, inner,
                               os_)  # fmt: skip
 
 
