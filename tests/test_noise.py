@@ -322,3 +322,40 @@ def test_every_block_shape_draws_the_same_error_in_fused_and_separate_kernels(
     assert torch.equal(fused, separate)
     assert not torch.equal(fused, plain)
     assert float((fused - plain).std()) > 0.1  # a real draw: sigma(t) is 0.1 to 0.3
+
+
+@pytest.mark.parametrize(("inner", "channels", "samples"), BLOCK_SHAPES)
+def test_every_block_shape_gives_the_torch_paths_gradients(
+    monkeypatch: pytest.MonkeyPatch, inner: int, channels: int, samples: int
+) -> None:
+    """The backward kernels cut blocks like the forward ones: each element's gradient must use
+    its own channel's scale, and each channel's bias gradient must collect its own segments."""
+    torch.manual_seed(3)
+    shape = (samples, channels, inner)
+    layout = ChannelLayout(channels, inner)
+    scale = (torch.rand(channels) + 0.5).view(1, -1, 1)
+    grad = torch.randn(shape)
+    z_sc = [(torch.rand(shape) * 2).requires_grad_() for _ in range(2)]
+    z_ht = [(torch.rand(shape) * 3 - 1).requires_grad_() for _ in range(4)]
+    bias = torch.randn(1, channels, 1, requires_grad=True)
+
+    def run() -> list[torch.Tensor]:
+        grads = []
+        pair, pairs = [tuple(z_ht[:2])], [tuple(z_ht[:2]), tuple(z_ht[2:])]
+        for z, act in (
+            (z_sc, lambda: sc_activation(*z_sc, scale, bias, layout=layout)),
+            (z_ht[:2], lambda: hardtanh_pairs(pair, 1.5, scale, bias, layout=layout)),
+            (z_ht, lambda: hardtanh_pairs(pairs, 1.5, scale, bias, layout=layout)),
+        ):
+            for t in (*z, bias):
+                t.grad = None
+            act().backward(grad)
+            grads += [bias.grad.clone(), *(t.grad.clone() for t in z)]
+        return grads
+
+    fused = run()
+    monkeypatch.setattr("approxctl.proxy_ops.use_kernels", lambda *t: False)
+    reference = run()
+    for got, expected in zip(fused, reference, strict=True):
+        # atol: a bias gradient sums up to 10^4 float32 terms, in another order than torch's
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)

@@ -306,19 +306,43 @@ def sc_proxy_forward(  # type: ignore[no-untyped-def]
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract", "reassoc"})
 def sc_proxy_backward(grad, e_pos, e_neg, scale, inner, grad_pos, grad_neg, grad_sums):  # type: ignore[no-untyped-def]
     """d/dz+ = grad * scale * e+, d/dz- = -grad * scale * e-; ``grad_sums[segment]`` = the sum of
-    ``grad`` over the segment (for the bias gradient)."""
+    ``grad`` over the segment (for the bias gradient). Blocks are cut as in the forward
+    kernels; segments shorter than SHORT go through one flat loop per block."""
     channels = scale.shape[0]
-    for seg in numba.prange(grad.shape[0] // inner):
-        s_c = scale[seg % channels]
-        lo, hi = seg * inner, seg * inner + inner
-        g, ep, en = grad[lo:hi], e_pos[lo:hi], e_neg[lo:hi]
-        gp, gn = grad_pos[lo:hi], grad_neg[lo:hi]
-        total = np.float32(0.0)
-        for i in range(inner):
-            total += g[i]
-            gp[i] = g[i] * s_c * ep[i]
-            gn[i] = -g[i] * s_c * en[i]
-        grad_sums[seg] = total
+    segments = grad.shape[0] // inner
+    group, blocks = _blocks(segments, inner)
+    for blk in numba.prange(blocks):
+        first, last = blk * group, min(blk * group + group, segments)
+        if inner < SHORT:  # a linear layer's one-element segments: no per-segment loops
+            lo, hi = first * inner, last * inner
+            g, ep, en = grad[lo:hi], e_pos[lo:hi], e_neg[lo:hi]
+            gp, gn = grad_pos[lo:hi], grad_neg[lo:hi]
+            c, j, seg, total = first % channels, 0, first, np.float32(0.0)
+            s_c = scale[c]
+            for i in range(hi - lo):
+                total += g[i]
+                gs = g[i] * s_c
+                gp[i] = gs * ep[i]
+                gn[i] = -gs * en[i]
+                j += 1
+                if j == inner:
+                    grad_sums[seg] = total
+                    seg, j, total = seg + 1, 0, np.float32(0.0)
+                    c = c + 1 if c + 1 < channels else 0
+                    s_c = scale[c]
+            continue
+        for seg in range(first, last):
+            s_c = scale[seg % channels]
+            lo, hi = seg * inner, seg * inner + inner
+            g, ep, en = grad[lo:hi], e_pos[lo:hi], e_neg[lo:hi]
+            gp, gn = grad_pos[lo:hi], grad_neg[lo:hi]
+            total = np.float32(0.0)
+            for i in range(inner):
+                total += g[i]
+                gs = g[i] * s_c
+                gp[i] = gs * ep[i]
+                gn[i] = -gs * en[i]
+            grad_sums[seg] = total
 
 
 @process_safe
@@ -377,27 +401,54 @@ def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract", "reassoc"})
 def hardtanh_proxy_backward(grad, inside, scale, inner, g0, g1, g2, g3, four, grad_sums):  # type: ignore[no-untyped-def]
     """g_j = +-grad * scale where bit j of ``inside`` is set (the signs of the forward), else 0
-    (g2, g3 only with ``four``); ``grad_sums[segment]`` = the sum of ``grad`` over the segment."""
+    (g2, g3 only with ``four``); ``grad_sums[segment]`` = the sum of ``grad`` over the segment.
+    Blocks are cut as in the forward kernels; segments shorter than SHORT go through one flat
+    loop per block."""
     channels = scale.shape[0]
+    segments = grad.shape[0] // inner
+    group, blocks = _blocks(segments, inner)
     zero = np.float32(0.0)
-    for seg in numba.prange(grad.shape[0] // inner):
-        s_c = scale[seg % channels]
-        lo, hi = seg * inner, seg * inner + inner
-        g, code = grad[lo:hi], inside[lo:hi]
-        a, b = g0[lo:hi], g1[lo:hi]
-        total = zero
-        for i in range(inner):
-            total += g[i]
-            gs = g[i] * s_c
-            a[i] = gs if code[i] & 1 else zero
-            b[i] = -gs if code[i] & 2 else zero
-        if four:
-            a, b = g2[lo:hi], g3[lo:hi]
-            for i in range(inner):
+    for blk in numba.prange(blocks):
+        first, last = blk * group, min(blk * group + group, segments)
+        if inner < SHORT:  # a linear layer's one-element segments: no per-segment loops
+            lo, hi = first * inner, last * inner
+            g, code = grad[lo:hi], inside[lo:hi]
+            a, b, c2, c3 = g0[lo:hi], g1[lo:hi], g2[lo:hi], g3[lo:hi]
+            c, j, seg, total = first % channels, 0, first, zero
+            s_c = scale[c]
+            for i in range(hi - lo):
+                total += g[i]
                 gs = g[i] * s_c
-                a[i] = -gs if code[i] & 4 else zero
-                b[i] = gs if code[i] & 8 else zero
-        grad_sums[seg] = total
+                a[i] = gs if code[i] & 1 else zero
+                b[i] = -gs if code[i] & 2 else zero
+                if four:
+                    c2[i] = -gs if code[i] & 4 else zero
+                    c3[i] = gs if code[i] & 8 else zero
+                j += 1
+                if j == inner:
+                    grad_sums[seg] = total
+                    seg, j, total = seg + 1, 0, zero
+                    c = c + 1 if c + 1 < channels else 0
+                    s_c = scale[c]
+            continue
+        for seg in range(first, last):
+            s_c = scale[seg % channels]
+            lo, hi = seg * inner, seg * inner + inner
+            g, code = grad[lo:hi], inside[lo:hi]
+            a, b = g0[lo:hi], g1[lo:hi]
+            total = zero
+            for i in range(inner):
+                total += g[i]
+                gs = g[i] * s_c
+                a[i] = gs if code[i] & 1 else zero
+                b[i] = -gs if code[i] & 2 else zero
+            if four:
+                a, b = g2[lo:hi], g3[lo:hi]
+                for i in range(inner):
+                    gs = g[i] * s_c
+                    a[i] = -gs if code[i] & 4 else zero
+                    b[i] = gs if code[i] & 8 else zero
+            grad_sums[seg] = total
 
 
 @process_safe
