@@ -102,9 +102,13 @@ class NoiseSpec:
 
 
 def padded_coefficients(*polys: torch.Tensor) -> list[tuple[np.float32, ...]]:
-    """The polynomials as tuples of float32 of one common length (zeros on top), as the kernels
-    take them: numba compiles one version per length, whose Horner loop unrolls."""
-    size = max(len(p) for p in polys)
+    """The polynomials as tuples of float32 of one common length, 1 + a multiple of 4 (zeros on
+    top, which leave Horner's rule exact), as the kernels take them. numba compiles one version
+    per length, whose Horner loop unrolls; rounding the length up keeps those versions few
+    (1, 5, 9, 13 coefficients: degree 10, the default, shares one with degrees 9 to 12), at the
+    cost of two idle steps of Horner's rule, within the spread of `benchmarks/bench_noise.py`."""
+    degree = max(len(p) for p in polys) - 1
+    size = 4 * -(-degree // 4) + 1
     out = []
     for p in polys:
         values = np.zeros(size, dtype=np.float32)
