@@ -143,6 +143,29 @@ def test_lut_conv2d_extreme_values_stay_exact() -> None:
     assert torch.equal(out, _im2col_reference(x, w, lut, False, 1, 1, 1, 1))
 
 
+def test_lut_conv2d_reuses_its_embedding_buffer_across_shapes() -> None:
+    """The embedded activations go into one buffer reused between calls: a large, a small and
+    a large call again must each be exact, and the small call must not allocate a new one."""
+    lut = load_lut("mul7u_09Y")
+    shapes = [
+        ((3, 8, 11, 11), (4, 8, 3, 3)),
+        ((1, 2, 4, 4), (3, 2, 3, 3)),
+        ((2, 8, 12, 9), (5, 8, 3, 3)),
+    ]
+    buffers = []
+    for i, (xs, ws) in enumerate(shapes):
+        x, w = _rand(-127, 127, xs, 20 + i), _rand(-127, 127, ws, 30 + i)
+        out = lowrank.lut_conv2d(
+            x, w, lut, False, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1
+        )
+        assert torch.equal(out, _im2col_reference(x, w, lut, False, 1, 1, 1, 1))
+        buffers.append(lowrank._workspace.buffer.data_ptr())
+    assert buffers[1] == buffers[0]
+    emb = torch.randn(9, 4)
+    index = torch.randint(0, 9, (5, 7))
+    assert torch.equal(lowrank._gather_rows(emb, index), emb[index].view(35, 4))
+
+
 # ------------------------------------------------------------------------------- SC
 @pytest.mark.parametrize("length", [16, 32, 64, 128, 256])
 def test_sc_matmul_every_length(length: int) -> None:
