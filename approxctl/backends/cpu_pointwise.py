@@ -302,6 +302,17 @@ def sc_proxy_forward(  # type: ignore[no-untyped-def]
                               os_)  # fmt: skip
 
 
+@numba.njit(inline="always")
+def _step_segment(j, seg, c, total, inner, channels, grad_sums):  # type: ignore[no-untyped-def]
+    """The flat backward loops' bookkeeping after an element: at a segment's end, store its
+    gradient sum and move on to the next segment and its channel. Returns (j, seg, c, total)."""
+    j += 1
+    if j < inner:
+        return j, seg, c, total
+    grad_sums[seg] = total
+    return 0, seg + 1, (c + 1 if c + 1 < channels else 0), np.float32(0.0)
+
+
 @process_safe
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract", "reassoc"})
 def sc_proxy_backward(grad, e_pos, e_neg, scale, inner, grad_pos, grad_neg, grad_sums):  # type: ignore[no-untyped-def]
@@ -324,12 +335,8 @@ def sc_proxy_backward(grad, e_pos, e_neg, scale, inner, grad_pos, grad_neg, grad
                 gs = g[i] * s_c
                 gp[i] = gs * ep[i]
                 gn[i] = -gs * en[i]
-                j += 1
-                if j == inner:
-                    grad_sums[seg] = total
-                    seg, j, total = seg + 1, 0, np.float32(0.0)
-                    c = c + 1 if c + 1 < channels else 0
-                    s_c = scale[c]
+                j, seg, c, total = _step_segment(j, seg, c, total, inner, channels, grad_sums)
+                s_c = scale[c]
             continue
         for seg in range(first, last):
             s_c = scale[seg % channels]
@@ -424,12 +431,8 @@ def hardtanh_proxy_backward(grad, inside, scale, inner, g0, g1, g2, g3, four, gr
                 if four:
                     c2[i] = -gs if code[i] & 4 else zero
                     c3[i] = gs if code[i] & 8 else zero
-                j += 1
-                if j == inner:
-                    grad_sums[seg] = total
-                    seg, j, total = seg + 1, 0, zero
-                    c = c + 1 if c + 1 < channels else 0
-                    s_c = scale[c]
+                j, seg, c, total = _step_segment(j, seg, c, total, inner, channels, grad_sums)
+                s_c = scale[c]
             continue
         for seg in range(first, last):
             s_c = scale[seg % channels]
