@@ -143,6 +143,18 @@ def test_lut_conv2d_extreme_values_stay_exact() -> None:
     assert torch.equal(out, _im2col_reference(x, w, lut, False, 1, 1, 1, 1))
 
 
+def test_lut_conv2d_unequal_padding_of_height_and_width() -> None:
+    """Padding (1, 2), three groups: the index is built channels-last with each side's zero
+    border, which must land where the reference's explicit padding puts it."""
+    lut = load_lut("mul8u_GTR")
+    x, w = _rand(0, 255, (2, 21, 5, 6), 40), _rand(0, 255, (6, 7, 3, 3), 41)
+    out = lowrank.lut_conv2d(
+        x, w, lut, False, stride=(1, 1), padding=(1, 2), dilation=(1, 1), groups=3
+    )
+    expected = _im2col_reference(F.pad(x, (2, 2, 1, 1)), w, lut, False, 1, 0, 1, 3)
+    assert torch.equal(out, expected)
+
+
 def test_lut_conv2d_reuses_its_embedding_buffer_across_shapes() -> None:
     """The embedded activations go into one buffer reused between calls: a large, a small and
     a large call again must each be exact, and the small call must not allocate a new one."""
