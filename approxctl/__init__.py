@@ -6,7 +6,14 @@ dataclasses.
 """
 
 from approxctl import functional, luts
-from approxctl.convert import calibrate, convert, fit_error_model, get_mode, set_mode
+from approxctl.convert import (
+    calibrate,
+    convert,
+    fit_error_model,
+    get_mode,
+    recalibrate_batchnorm,
+    set_mode,
+)
 from approxctl.errors import ApproxError
 from approxctl.io import load, save
 from approxctl.layers import ApproxConv2d, ApproxLayer, ApproxLinear, approx_layers
@@ -30,6 +37,7 @@ __all__ = [
     "get_mode",
     "load",
     "luts",
+    "recalibrate_batchnorm",
     "save",
     "set_mode",
 ]

@@ -95,6 +95,10 @@ TrustPickleOpt = Annotated[
 LutOpt = Annotated[str | None, typer.Option(help="approx-mult: multiplier.")]
 AdcBitsOpt = Annotated[int | None, typer.Option(help="analog: ADC resolution.")]
 ScLengthOpt = Annotated[int | None, typer.Option(help="sc: stream length.")]
+NoiseScaleOpt = Annotated[
+    float | None,
+    typer.Option(help="Factor on the injected error's std (default: 1, as fitted; 0: mean only)."),
+]
 
 
 def _fail(message: str) -> None:
@@ -166,6 +170,7 @@ TARGET_FLAGS: dict[str, tuple[str | None, str]] = {
     "proxy": (None, "proxy"),
     "poly_degree": (None, "poly_degree"),
     "poly_bins": (None, "poly_bins"),
+    "noise_scale": (None, "noise_scale"),
     "backend": (None, "backend"),
 }
 
@@ -343,6 +348,7 @@ def convert(
     ] = None,
     poly_degree: Annotated[int | None, typer.Option(help="Type-1 error polynomial degree.")] = None,
     poly_bins: Annotated[int | None, typer.Option(help="Type-1 error bins.")] = None,
+    noise_scale: NoiseScaleOpt = None,
     backend: Annotated[str | None, typer.Option(help="Emulation backend: auto, torch, ...")] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -467,6 +473,14 @@ def train(
             help="sc, analog: backward through the proxy activation (default) or plain.",
         ),
     ] = None,
+    noise_scale: NoiseScaleOpt = None,
+    bn_recalib: Annotated[
+        int | None,
+        typer.Option(
+            help="Re-estimate BatchNorm statistics in exact mode on N training batches before "
+            "each exact-mode validation (default: 0, off)."
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -484,7 +498,7 @@ def train(
         raise ApproxError("--target is required (sc, approx-mult/am or analog)")
     flags = {
         "sc_length": sc_length, "sc_gain": sc_gain, "lut": lut, "adc_bits": adc_bits,
-        "array_size": array_size, "proxy": proxy,
+        "array_size": array_size, "proxy": proxy, "noise_scale": noise_scale,
     }  # fmt: skip
     options = dict(book.get("options", {})) | target_options(target, flags, sc_phase)
     defaults = TrainConfig()
@@ -492,7 +506,7 @@ def train(
         "pretrain": pretrain, "epochs": epochs, "finetune": finetune, "lr": lr,
         "optimizer": optimizer, "scheduler": scheduler, "seed": seed,
         "calib_per_epoch": calib_per_epoch, "calib_every": calib_every, "val_every": val_every,
-        "amp": amp, "checkpointing": checkpointing,
+        "amp": amp, "checkpointing": checkpointing, "bn_recalib": bn_recalib,
     }  # fmt: skip
     config = TrainConfig(
         **{key: pick(value, book, key, getattr(defaults, key)) for key, value in given.items()},

@@ -510,3 +510,51 @@ def fit_error_model(
         for layer in layers:
             layer.error_model.fit_recorded()
     return model
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, batches: Iterable[Any], *, mode: str = "exact", max_batches: int | None = None
+) -> nn.Module:
+    """Re-estimate every BatchNorm's running mean and variance on ``batches`` run in ``mode``.
+
+    Running statistics are an exponential average over the last few training batches, gathered
+    in the mode that trained them: after inject-mode epochs they describe the proxy plus
+    injected noise, not the hardware, and even after exact-mode epochs they follow the last ~10
+    batches. Exact-mode accuracy read with them can be off by several points (docs/training.md).
+    This replaces them with the plain average over ``batches`` ("precise BatchNorm"); weights,
+    scales and error models stay as they are. Returns ``model``.
+    """
+    norms = [
+        m for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]  # fmt: skip
+    if not norms:
+        return model
+    layers = [layer for _, layer in approx_layers(model)]
+    modes = [layer.mode for layer in layers]
+    momenta = [m.momentum for m in norms]
+    training = model.training
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for m in norms]  # fmt: skip
+    try:
+        if layers:
+            set_mode(model, mode)
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average: every batch counts the same
+        model.train()  # BatchNorm updates its running statistics only in training mode
+        _run(model, batches, max_batches)
+    except BaseException:
+        for m, (mean, var, count) in zip(norms, saved, strict=True):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+        raise
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        for layer, layer_mode in zip(layers, modes, strict=True):
+            layer.mode = layer_mode
+        model.train(training)
+    return model

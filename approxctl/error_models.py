@@ -62,8 +62,11 @@ class ErrorModel(nn.Module):
     its signal, for reports.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, noise_scale: float = 1.0) -> None:
         super().__init__()
+        # Factor on the drawn standard deviation (the target option ``noise_scale``); the mean
+        # is always drawn in full. Not a buffer: approx.json's target options carry it.
+        self.noise_scale = float(noise_scale)
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("summary", torch.zeros(3, dtype=torch.float64))
         self._errors, self._values = RunningMoments(), RunningMoments()
@@ -120,6 +123,11 @@ class ErrorModel(nn.Module):
 
     def noise_spec(self) -> NoiseSpec:
         """What ``inject`` draws from, for kernels that fuse the draw into other work."""
+        spec = self._noise_spec()
+        return spec if self.noise_scale == 1.0 else spec.scaled_std(self.noise_scale)
+
+    def _noise_spec(self) -> NoiseSpec:
+        """The fitted model as it is, before ``noise_scale``."""
         raise NotImplementedError
 
     def stats(self) -> dict[str, object]:
@@ -129,8 +137,8 @@ class ErrorModel(nn.Module):
 class GaussianErrorModel(ErrorModel):
     """Type 2: one mean and standard deviation of the error over a layer's output."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, noise_scale: float = 1.0) -> None:
+        super().__init__(noise_scale)
         self.register_buffer("mean", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("std", torch.tensor(0.0, dtype=torch.float64))
 
@@ -144,7 +152,7 @@ class GaussianErrorModel(ErrorModel):
         self.mean.fill_(float(self.summary[0]))
         self.std.fill_(float(self.summary[1]))
 
-    def noise_spec(self) -> NoiseSpec:
+    def _noise_spec(self) -> NoiseSpec:
         return NoiseSpec(self.mean.view(1), self.std.view(1), -1.0, 1.0)  # constants: degree 0
 
     def stats(self) -> dict[str, object]:
@@ -207,8 +215,8 @@ def fit_binned_polynomials(
 class PolynomialErrorModel(ErrorModel):
     """Type 1: error mean and std as polynomials of the proxy output v."""
 
-    def __init__(self, degree: int = 10, bins: int = 30) -> None:
-        super().__init__()
+    def __init__(self, degree: int = 10, bins: int = 30, noise_scale: float = 1.0) -> None:
+        super().__init__(noise_scale)
         self.degree = degree
         self.bins = bins
         self.register_buffer("mu_coef", torch.zeros(degree + 1, dtype=torch.float64))
@@ -263,7 +271,7 @@ class PolynomialErrorModel(ErrorModel):
     def std_at(self, v: torch.Tensor) -> torch.Tensor:
         return horner(self.sigma_coef, self._window(v)).clamp_(0, float(self.bounds[2]))
 
-    def noise_spec(self) -> NoiseSpec:
+    def _noise_spec(self) -> NoiseSpec:
         lo, hi = self.domain.tolist()
         mu_min, mu_max, sigma_max = self.bounds.tolist()
         return NoiseSpec(self.mu_coef, self.sigma_coef, lo, hi, mu_min, mu_max, sigma_max)
@@ -279,9 +287,9 @@ class PolynomialErrorModel(ErrorModel):
         }
 
 
-def make_error_model(kind: str, degree: int, bins: int) -> ErrorModel:
+def make_error_model(kind: str, degree: int, bins: int, noise_scale: float = 1.0) -> ErrorModel:
     if kind == "poly":
-        return PolynomialErrorModel(degree, bins)
+        return PolynomialErrorModel(degree, bins, noise_scale)
     if kind == "gaussian":
-        return GaussianErrorModel()
+        return GaussianErrorModel(noise_scale)
     raise ValueError(f"unknown error model kind {kind!r}")

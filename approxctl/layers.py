@@ -55,7 +55,7 @@ class ApproxLayer(nn.Module):
         self.register_buffer("input_signed", torch.tensor(False, device=device))
         self.register_buffer("calibrated", torch.tensor(False, device=device))
         self.error_model: ErrorModel = make_error_model(
-            target.error_kind, config.poly_degree, config.poly_bins
+            target.error_kind, config.poly_degree, config.poly_bins, config.noise_scale
         ).to(device)
         self.observing = False
         self.recording = False

@@ -16,6 +16,7 @@ distribution is the normal one discretized to 4096 levels, tails cut at 3.67 sig
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -77,6 +78,12 @@ class NoiseSpec:
     def __post_init__(self) -> None:
         if not self.hi > self.lo:  # a degenerate domain: any window maps the constant value
             object.__setattr__(self, "hi", self.lo + 1.0)
+
+    def scaled_std(self, factor: float) -> NoiseSpec:
+        """The same model with the standard deviation (and its bound) times ``factor``."""
+        return dataclasses.replace(
+            self, sigma_coef=self.sigma_coef * factor, sigma_max=self.sigma_max * factor
+        )
 
     def kernel_args(self) -> tuple[Any, ...]:
         """The noise arguments of the cpu_pointwise kernels, with a fresh key drawn from torch's

@@ -18,7 +18,8 @@ RECIPE_KEYS = {
     "source", "target", "weights", "exclude", "data", "image_size", "mean", "std",
     "limit_train", "limit_val", "batch_size", "workers", "pretrain", "epochs", "finetune", "lr",
     "optimizer", "momentum", "weight_decay", "scheduler", "seed", "calib_per_epoch",
-    "calib_every", "val_every", "amp", "checkpointing", "device", "options", "description",
+    "calib_every", "val_every", "bn_recalib", "amp", "checkpointing", "device", "options",
+    "description",
 }  # fmt: skip
 
 
@@ -61,7 +62,7 @@ _KINDS = {
     ),
     **dict.fromkeys(
         ("image_size", "limit_train", "limit_val", "batch_size", "workers", "pretrain",
-         "epochs", "seed", "calib_per_epoch", "calib_every", "val_every"),
+         "epochs", "seed", "calib_per_epoch", "calib_every", "val_every", "bn_recalib"),
         "integer",
     ),
     **dict.fromkeys(("finetune", "lr", "momentum", "weight_decay"), "number"),

@@ -31,7 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from approxctl import distributed
-from approxctl.convert import calibrate, fit_error_model, set_checkpointing, set_mode
+from approxctl.convert import (
+    calibrate,
+    fit_error_model,
+    recalibrate_batchnorm,
+    set_checkpointing,
+    set_mode,
+)
 from approxctl.distributed import DistContext
 from approxctl.errors import ApproxError
 from approxctl.evaluate import evaluate
@@ -62,6 +68,9 @@ class TrainConfig:
     calib_per_epoch: int = 5
     calib_every: int = 10
     val_every: int = 1
+    # Training batches on which BatchNorm statistics are re-estimated in exact mode before each
+    # exact-mode validation (0: off; the statistics training left are used).
+    bn_recalib: int = 0
     amp: bool = False
     checkpointing: bool = False
 
@@ -78,6 +87,8 @@ class TrainConfig:
             raise ApproxError(f"--scheduler must be one of {', '.join(SCHEDULERS)}")
         if self.calib_per_epoch < 1 or self.calib_every < 1 or self.val_every < 1:
             raise ApproxError("--calib-per-epoch, --calib-every and --val-every must be >= 1")
+        if self.bn_recalib < 0:
+            raise ApproxError(f"--bn-recalib must not be negative, got {self.bn_recalib}")
 
 
 @dataclass
@@ -308,21 +319,42 @@ class Trainer:
             calibration_seconds=calib_seconds,
         )
 
-    def validate(self, mode: str, label: str) -> dict[str, Any]:
+    def validate(self, mode: str, label: str, *, recalibrate: bool = False) -> dict[str, Any]:
         """Accuracy on the validation split (``exact`` for approximate phases, SPEC 4).
 
-        Under DDP rank 0 evaluates and the others receive its result."""
+        With ``recalibrate`` and ``bn_recalib`` > 0, BatchNorm statistics are first re-estimated
+        in ``mode``; they then stay in the model (training itself normalizes by batch statistics,
+        so this changes no later step). Under DDP rank 0 evaluates and the others receive its
+        result, and DDP hands rank 0's statistics to them at the next step."""
         if not self.is_main:
             return distributed.share(None, self.dist)
         progress = None
         if self.progress is not None:
             report = self.progress
             progress = lambda done, total: report(label, done, total)  # noqa: E731
+        if recalibrate and self.config.bn_recalib:
+            recalibrate_batchnorm(self.model, self._bn_batches(), mode=mode)
         result = evaluate(
             self.model, self.bundle.val, mode=mode, device=self.device,
             layer_errors=False, progress=progress, total=len(self.bundle.val),
         )  # fmt: skip
         return distributed.share(result.to_json(), self.dist)
+
+    def _bn_batches(self) -> Iterator[torch.Tensor]:
+        """The first ``bn_recalib`` batches of one fixed shuffle of the training set (seeded
+        by --seed): the same images at every validation, and a resumed run uses them too."""
+        loader = self.bundle.train
+        order = torch.randperm(
+            len(loader.dataset), generator=torch.Generator().manual_seed(self.config.seed)
+        )
+        size = loader.batch_size or 1
+        subset = torch.utils.data.Subset(loader.dataset, order[: self.config.bn_recalib * size])
+        fixed = torch.utils.data.DataLoader(
+            subset, batch_size=size, shuffle=False, num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+        )  # fmt: skip
+        for x, _ in fixed:
+            yield x.to(self.device)
 
     # ---------------------------------------------------------------- the run
     def _total_steps(self) -> int:
@@ -375,7 +407,9 @@ class Trainer:
                 last = epoch == len(parts) - 1
                 if (epoch + 1) % self.config.val_every == 0 or last:
                     val_mode = "float" if phase == "pretrain" else "exact"
-                    record.val = self.validate(val_mode, f"validate {phase} {epoch + 1}")
+                    record.val = self.validate(
+                        val_mode, f"validate {phase} {epoch + 1}", recalibrate=phase != "pretrain"
+                    )
                 self.state.history.append(asdict(record))
                 self.state.epoch_in_phase = epoch + 1
                 if last:

@@ -81,3 +81,49 @@ def test_stats_are_strict_json_even_unbounded() -> None:
     model = PolynomialErrorModel(4, 10)
     assert model.stats()["bounds"] == [None, None, None]
     json.dumps(model.stats(), allow_nan=False)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_noise_scale_multiplies_the_drawn_deviation_only(
+    monkeypatch: pytest.MonkeyPatch, fused: bool
+) -> None:
+    """The target option ``noise_scale``: the same draws, their deviation from mu(v) times
+    the factor; 0 leaves exactly the mean."""
+    if not fused:
+        monkeypatch.setattr("approxctl.noise.cpu_pointwise", None)
+    v, err = _long_tailed(50_000, 3)
+    models = {}
+    for scale in (1.0, 0.5, 0.0):
+        models[scale] = PolynomialErrorModel(10, 30, noise_scale=scale)
+        models[scale].record(torch.from_numpy(v), torch.from_numpy(err))
+        models[scale].fit_recorded()
+    grid = torch.linspace(float(np.quantile(v, 0.01)), float(np.quantile(v, 0.99)), 20_001)
+    mean = models[1.0].mean_at(grid.double()).float()
+    draws = {}
+    for scale, model in models.items():
+        torch.manual_seed(7)
+        draws[scale] = model.sample(grid)
+    deviation = draws[1.0] - mean
+    assert float(deviation.std()) > 1.0  # the fitted model does draw noise
+    torch.testing.assert_close(draws[0.5] - mean, 0.5 * deviation, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(draws[0.0], mean, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 10.5, float("nan"), True, "half"])
+def test_noise_scale_is_validated(bad: object) -> None:
+    from approxctl.errors import ApproxError
+    from approxctl.targets import ScConfig
+
+    with pytest.raises(ApproxError, match="noise_scale"):
+        ScConfig.with_options(noise_scale=bad)
+
+
+def test_noise_scale_travels_with_a_saved_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import approxctl
+    from approxctl.models import TinyConv
+
+    model = approxctl.convert(TinyConv(1, 10, 8), "analog", noise_scale=0.25)
+    approxctl.calibrate(model, [torch.randn(8, 1, 8, 8)])
+    approxctl.save(model, tmp_path)
+    loaded = approxctl.load(tmp_path, model=TinyConv(1, 10, 8))
+    assert {layer.error_model.noise_scale for _, layer in approxctl.approx_layers(loaded)} == {0.25}

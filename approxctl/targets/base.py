@@ -39,6 +39,9 @@ class TargetConfig:
     # Error-model options shared by all targets (SPEC section 4).
     poly_degree: int = 10
     poly_bins: int = 30
+    # Factor on the injected error's standard deviation (1: as fitted, the paper's and SPEC's
+    # model; 0: only the mean). docs/training.md says when less than 1 helps.
+    noise_scale: float = 1.0
     # "auto" picks the fastest backend for the tensors' device; see approxctl.backends.
     backend: str = "auto"
 
@@ -47,6 +50,9 @@ class TargetConfig:
             raise ApproxError(f"poly_degree must be in [0, 20], got {self.poly_degree}")
         if self.poly_bins < 2:
             raise ApproxError(f"poly_bins must be at least 2, got {self.poly_bins}")
+        scale = self.noise_scale
+        if isinstance(scale, bool) or not (isinstance(scale, int | float) and 0 <= scale <= 10):
+            raise ApproxError(f"noise_scale must be a number in [0, 10], got {self.noise_scale!r}")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"target": self.target, "version": self.version}
