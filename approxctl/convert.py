@@ -543,7 +543,11 @@ def recalibrate_batchnorm(
         for m in norms:
             m.reset_running_stats()
             m.momentum = None  # a cumulative average: every batch counts the same
-        model.train()  # BatchNorm updates its running statistics only in training mode
+        # BatchNorm updates its running statistics only in training mode; everything else
+        # (dropout above all) runs as in evaluation.
+        model.eval()
+        for m in norms:
+            m.train()
         _run(model, batches, max_batches)
     except BaseException:
         for m, (mean, var, count) in zip(norms, saved, strict=True):

@@ -572,7 +572,7 @@ def load_data(
         batch_size=batch_size,
         shuffle=train_shuffle,
         generator=generator,
-        drop_last=_drop_singleton(len(train_y), batch_size),
+        drop_last=drop_singleton(len(train_y), batch_size),
         **loader_args,
     )
     val = DataLoader(dataset(val_x, val_y), batch_size=batch_size, shuffle=False, **loader_args)
@@ -600,7 +600,7 @@ def _check_int(flag: str, value: object, minimum: int) -> None:
         raise ApproxError(f"{flag} must be an integer >= {minimum}, got {value!r}")
 
 
-def _drop_singleton(n: int, batch_size: int) -> bool:
+def drop_singleton(n: int, batch_size: int) -> bool:
     # a last train batch of one sample breaks BatchNorm ("Expected more than 1 value per
     # channel"); drop only that case so tiny --limit-train runs still get their batches
     return n > batch_size and n % batch_size == 1
@@ -713,7 +713,7 @@ def _imagefolder_bundle(
         batch_size=batch_size,
         shuffle=train_shuffle,
         generator=generator,
-        drop_last=_drop_singleton(len(train_data), batch_size),
+        drop_last=drop_singleton(len(train_data), batch_size),
         **loader_args,
     )
     val = DataLoader(_spread_subset(val_set, limit_val), batch_size=batch_size, **loader_args)

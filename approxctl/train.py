@@ -38,6 +38,7 @@ from approxctl.convert import (
     set_checkpointing,
     set_mode,
 )
+from approxctl.data import drop_singleton
 from approxctl.distributed import DistContext
 from approxctl.errors import ApproxError
 from approxctl.evaluate import evaluate
@@ -351,7 +352,7 @@ class Trainer:
         subset = torch.utils.data.Subset(loader.dataset, order[: self.config.bn_recalib * size])
         fixed = torch.utils.data.DataLoader(
             subset, batch_size=size, shuffle=False, num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn,
+            collate_fn=loader.collate_fn, drop_last=drop_singleton(len(subset), size),
         )  # fmt: skip
         for x, _ in fixed:
             yield x.to(self.device)

@@ -82,6 +82,17 @@ def test_the_mode_matters_and_a_model_without_batchnorm_is_left_alone() -> None:
     assert approxctl.recalibrate_batchnorm(plain, batches) is plain
 
 
+def test_dropout_stays_off_while_statistics_are_gathered() -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Dropout(0.5), nn.BatchNorm2d(4))
+    x = torch.randn(32, 1, 8, 8)
+    approxctl.recalibrate_batchnorm(model, [x])  # no approximate layers: mode plays no part
+    z = model[0](x).detach()
+    torch.testing.assert_close(model[2].running_mean, z.mean((0, 2, 3)))
+    torch.testing.assert_close(model[2].running_var, z.var((0, 2, 3), unbiased=True))
+    assert model.training and model[1].training  # as it was
+
+
 def test_statistics_survive_a_failing_batch() -> None:
     model, batches = _converted()
     before = [m.running_mean.clone() for m in _norms(model)]
