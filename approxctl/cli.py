@@ -594,6 +594,12 @@ def eval_command(
     calib_batches: Annotated[
         int, typer.Option(help="Batches for calibration when converting.")
     ] = 8,
+    bn_recalib: Annotated[
+        int,
+        typer.Option(
+            help="Re-estimate BatchNorm statistics in each mode on N training batches first."
+        ),
+    ] = 0,
     device: DeviceOpt = "auto",
     trust_pickle: TrustPickleOpt = False,
     lut: LutOpt = None,
@@ -622,7 +628,7 @@ def eval_command(
         doc = eval_source(
             source, target, modes=modes, weights=weights, exclude=exclude or (),
             data=data_options, out=out_dir, options=options, calib_batches=calib_batches,
-            device=device, trust_pickle=trust_pickle, progress=progress,
+            bn_recalib=bn_recalib, device=device, trust_pickle=trust_pickle, progress=progress,
         )  # fmt: skip
     if json_out:
         _print_json(doc)

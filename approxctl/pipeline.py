@@ -377,6 +377,7 @@ def eval_source(
     options: dict[str, Any] | None = None,
     calib_batches: int = 8,
     error_batches: int = 2,
+    bn_recalib: int = 0,
     device: str = "auto",
     trust_pickle: bool = False,
     progress: Progress | None = None,
@@ -384,8 +385,11 @@ def eval_source(
     """``approxctl eval``: accuracy per mode on the validation split, report.json/md in ``out``.
 
     A float model (no target) is evaluated in float mode only; its result is what plain
-    PyTorch gives on the same data and preprocessing.
+    PyTorch gives on the same data and preprocessing. With ``bn_recalib`` > 0, BatchNorm
+    statistics are re-estimated in each mode on the first ``bn_recalib`` training batches
+    before that mode is evaluated (docs/training.md); nothing is written back to ``source``.
     """
+    from approxctl.convert import recalibrate_batchnorm
     from approxctl.evaluate import evaluate
     from approxctl.layers import MODES
     from approxctl.report import eval_markdown, write_report
@@ -395,6 +399,8 @@ def eval_source(
     for mode in modes:
         if mode not in MODES:
             raise ApproxError(f"unknown mode '{mode}'; choose from {', '.join(MODES)}")
+    if isinstance(bn_recalib, bool) or not isinstance(bn_recalib, int) or bn_recalib < 0:
+        raise ApproxError(f"--bn-recalib must be an integer >= 0, got {bn_recalib!r}")
     dev = resolve_device(device)
     check_out_dir(Path(out) if out is not None else None)
     bundle = data.load()
@@ -408,6 +414,8 @@ def eval_source(
         )
     results = []
     for mode in modes:
+        if bn_recalib:
+            recalibrate_batchnorm(model, bundle.train, mode=mode, max_batches=bn_recalib)
         result = evaluate(
             model, bundle.val, mode=mode, device=dev, total=len(bundle.val),
             progress=(lambda done, total, m=mode: progress(f"eval {m}", done, total))
@@ -420,6 +428,7 @@ def eval_source(
         "options": model.approx_plan.config.to_dict() if target_name else None,  # type: ignore[union-attr]
         "device": device_name(dev),
         "data": bundle.describe(),
+        "bn_recalib": bn_recalib,
         "results": results,
     }
     if out is not None:

@@ -20,7 +20,9 @@ def eval_markdown(doc: dict[str, Any]) -> str:
         "",
         f"Target: {doc['target'] or 'none (float model)'}; data: {doc['data']['name']} "
         f"({doc['data']['val_samples']} validation images, {doc['data']['preprocessing']}); "
-        f"device: {doc['device']}.",
+        f"device: {doc['device']}."
+        + (f" BatchNorm statistics re-estimated in each mode on {doc['bn_recalib']} training "
+           "batches first." if doc.get("bn_recalib") else ""),
         "",
         "| mode | top-1 | top-5 | loss | images | seconds |",
         "|---|---|---|---|---|---|",

@@ -191,6 +191,7 @@ def test_state_dict_not_fitting_names_missing_unexpected_and_misshaped_keys(
         (["train", "--target", "sc", "--noise-scale", "-0.5"], ["noise_scale", "[0, 10]"]),
         (["convert", "tinyconv", "--target", "am", "--noise-scale", "nan"], ["noise_scale"]),
         (["train", "--target", "am", "--bn-recalib", "-1"], ["--bn-recalib must not be negative"]),
+        (["eval", "tinyconv", "--target", "am", "--bn-recalib", "-2"], ["--bn-recalib", "-2"]),
     ],
 )  # fmt: skip
 def test_bad_option_values(tmp_path: Path, args: list[str], fragments: list[str]) -> None:

@@ -86,3 +86,36 @@ def test_eval_of_a_converted_directory_and_its_errors(tmp_path: Path) -> None:
     assert wrong.exit_code == 2 and "converted for target approx-mult" in wrong.stderr
     no_target = runner.invoke(app, ["eval", "tinyconv", "--mode", "exact", "--data", "digits"])
     assert no_target.exit_code == 2 and "--target" in no_target.stderr
+
+
+def test_eval_with_bn_recalib_reads_the_recalibrated_model_and_leaves_the_directory(
+    tmp_path: Path,
+) -> None:
+    import approxctl
+    from approxctl.evaluate import evaluate
+    from approxctl.pipeline import DataOptions
+
+    out = tmp_path / "m"
+    convert = runner.invoke(
+        app, ["convert", "tinyconv", "--target", "sc", "--data", "digits", "--calib-batches",
+              "1", "--out", str(out), "--quiet"],
+    )  # fmt: skip
+    assert convert.exit_code == 0, convert.output
+    saved = (out / "model.safetensors").read_bytes()
+    result = runner.invoke(
+        app, ["eval", str(out), "--data", "digits", "--bn-recalib", "2", "--json",
+              "--out", str(tmp_path / "report")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["bn_recalib"] == 2
+    assert "re-estimated in each mode on 2 training batches" in (
+        tmp_path / "report" / "report.md"
+    ).read_text()
+    assert (out / "model.safetensors").read_bytes() == saved
+    bundle = DataOptions(spec="digits", batch_size=256).load()
+    model = approxctl.load(out)
+    plain = evaluate(model, bundle.val, mode="exact", layer_errors=False)
+    approxctl.recalibrate_batchnorm(model, bundle.train, mode="exact", max_batches=2)
+    expected = evaluate(model, bundle.val, mode="exact", layer_errors=False)
+    assert doc["results"][0]["loss"] == expected.loss != plain.loss
