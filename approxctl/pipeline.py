@@ -413,8 +413,10 @@ def eval_source(
             "without --target only --mode float applies; give --target to emulate hardware"
         )
     results = []
+    order = bundle.train_generator.get_state()  # every mode recalibrates on the same batches
     for mode in modes:
         if bn_recalib:
+            bundle.train_generator.set_state(order)
             recalibrate_batchnorm(model, bundle.train, mode=mode, max_batches=bn_recalib)
         result = evaluate(
             model, bundle.val, mode=mode, device=dev, total=len(bundle.val),
