@@ -72,13 +72,17 @@ def test_exact_and_inject_eval_with_reports(tmp_path: Path) -> None:
     assert "| exact |" in markdown and "features.1.0" in markdown
 
 
-def test_eval_of_a_converted_directory_and_its_errors(tmp_path: Path) -> None:
-    out = tmp_path / "m"
+def _converted_digits_model(out: Path, target: str) -> Path:
     convert = runner.invoke(
-        app, ["convert", "tinyconv", "--target", "am", "--data", "digits", "--calib-batches",
+        app, ["convert", "tinyconv", "--target", target, "--data", "digits", "--calib-batches",
               "1", "--out", str(out), "--quiet"],
     )  # fmt: skip
     assert convert.exit_code == 0, convert.output
+    return out
+
+
+def test_eval_of_a_converted_directory_and_its_errors(tmp_path: Path) -> None:
+    out = _converted_digits_model(tmp_path / "m", "am")
     result = runner.invoke(app, ["eval", str(out), "--data", "digits", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["target"] == "approx-mult"
@@ -95,12 +99,7 @@ def test_eval_with_bn_recalib_reads_the_recalibrated_model_and_leaves_the_direct
     from approxctl.evaluate import evaluate
     from approxctl.pipeline import DataOptions
 
-    out = tmp_path / "m"
-    convert = runner.invoke(
-        app, ["convert", "tinyconv", "--target", "sc", "--data", "digits", "--calib-batches",
-              "1", "--out", str(out), "--quiet"],
-    )  # fmt: skip
-    assert convert.exit_code == 0, convert.output
+    out = _converted_digits_model(tmp_path / "m", "sc")
     saved = (out / "model.safetensors").read_bytes()
     result = runner.invoke(
         app, ["eval", str(out), "--data", "digits", "--bn-recalib", "2", "--json",
