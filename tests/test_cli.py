@@ -65,12 +65,14 @@ def test_convert_excludes_and_options(tmp_path: Path) -> None:
     result = _run(
         "convert", "tinyconv", "--target", "analog", "--data", "digits", "--calib-batches", "1",
         "--error-batches", "1", "--exclude", "classifier", "--adc-bits", "6",
-        "--out", str(tmp_path / "m"), "--json",
+        "--noise-scale", "0.5", "--out", str(tmp_path / "m"), "--json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["excluded"] == ["classifier"]
     assert {row["adc_bits"] for row in doc["layers"]} == {6}
+    saved = json.loads((tmp_path / "m" / "approx.json").read_text())
+    assert saved["options"]["noise_scale"] == 0.5
 
 
 @pytest.mark.parametrize(
