@@ -140,9 +140,10 @@ def test_straight_through_forwards_the_value_exactly() -> None:
     assert torch.equal(proxy.grad, torch.where(out > 0, 3.0, 0.0))
 
 
-def test_in_place_draw_equals_the_out_of_place_one() -> None:
-    y = torch.randn(3, 4, 50)
-    layout, scale = ChannelLayout(4, 50), torch.tensor([1.0, 2.0, 0.5, 3.0]).view(1, 4, 1)
+@pytest.mark.parametrize("inner", [50, 1500])  # the error in a pass of its own, or fused
+def test_in_place_draw_equals_the_out_of_place_one(inner: int) -> None:
+    y = torch.randn(3, 4, inner)
+    layout, scale = ChannelLayout(4, inner), torch.tensor([1.0, 2.0, 0.5, 3.0]).view(1, 4, 1)
     torch.manual_seed(3)
     fresh = _draw(y, [0.1, 0.2], [0.3, 0.1], scale=scale, layout=layout)
     torch.manual_seed(3)
@@ -274,7 +275,8 @@ def test_nan_inputs_stay_nan_in_the_fused_kernels() -> None:
 
 # Segment lengths that take every block shape of the kernels: short segments in flat loops
 # (1, 3), runs of whole segments (35), one segment per block (1500), segments cut in pieces
-# (5000) and a last piece shorter than the flat-loop threshold (2050 = 2048 + 2); channel counts
+# (5000) and a last piece shorter than the flat-loop threshold (2050 = 2048 + 2), the last three
+# with the error computed inside the output loops (segments of FUSED_FROM and more); channel counts
 # that do not divide the segments per block, so channels wrap inside and across blocks.
 BLOCK_SHAPES = [(1, 7, 900), (3, 5, 400), (35, 3, 70), (1500, 3, 3), (5000, 2, 2), (2050, 3, 2)]
 

@@ -33,6 +33,8 @@ from approxctl.backends.numba_cache import process_safe
 
 BLOCK = 2048
 SHORT = 16  # segments shorter than this are written in one flat loop per block
+FUSED_FROM = 256  # shorter segments compute the error in a pass of its own (per-segment
+# loops that short spend more on setting up the polynomials than they save)
 GROUP_BELOW = 64  # shorter segments share blocks; longer ones (conv maps of 8x8 and up) do not
 CHUNKS = 64  # parallel tasks per kernel call (the scratch of each is allocated once)
 _MASK32 = np.uint64(0xFFFFFFFF)
@@ -60,25 +62,18 @@ def _horner(coef, x):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always")
-def _draw_error(  # type: ignore[no-untyped-def]
-    v, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, t, err, hashes
-):
-    """``err[i]`` = the error drawn at accumulator value v[i] for element ``start + i`` of the
-    output: ``mu + sigma * eps``. ``mu_coef``/``sigma_coef`` are tuples of float32 (lowest
-    order first); ``bounds`` = (mu_min, mu_max, sigma_max): the polynomials are held inside the
-    range of the statistics they were fitted to.
+def _draw_eps(start, m, key, table, shift, t, hashes):  # type: ignore[no-untyped-def]
+    """``t[i]`` = the standard normal sample of element ``start + i`` of the output, i < m.
 
-    ``v``, ``t``, ``err`` are slices of the block's length m (``t`` is scratch: it holds eps);
     ``hashes`` (uint32, at least (m + 1) // 2) is scratch. One hash of ``start + i`` serves
     elements i (its low bits) and (m + 1) // 2 + i (its high bits) of the block; the hash
     inputs of a block lie inside its own index range, so no two blocks share one. (Loops index
     slices from 0: numba cannot prove ``start + i`` non-negative, and the wraparound check it
     adds to such accesses stops loops from vectorizing.)
 
-    The table lookups have a loop of their own: a loop with an indexed load does not vectorize
-    (the table may alias the output), and everything else here does, in one pass.
+    The table lookups have loops of their own: a loop with an indexed load does not vectorize
+    (the table may alias the output), and the hashes' loop and the callers' loops do.
     """
-    m = v.shape[0]
     # The index's high half (0 below 2^32 elements) goes into the salt, once per block.
     high = (np.uint64(start) >> np.uint64(32)) * np.uint64(0x85EBCA6B)
     salt = np.uint32((key ^ high) & _MASK32)
@@ -91,14 +86,34 @@ def _draw_error(  # type: ignore[no-untyped-def]
         t[i] = table[hashes[i] & low_bits]
     for i in range(m - half):
         t[half + i] = table[hashes[i] >> np.uint32(shift)]
+
+
+@numba.njit(inline="always")
+def _error_at(v, eps, mu_coef, sigma_coef, lo, hi, bounds):  # type: ignore[no-untyped-def]
+    """The error drawn at accumulator value ``v`` with the normal sample ``eps``:
+    ``mu + sigma * eps``. ``mu_coef``/``sigma_coef`` are tuples of float32 (lowest order
+    first); ``bounds`` = (mu_min, mu_max, sigma_max): the polynomials are held inside the range
+    of the statistics they were fitted to. Inlined into the callers' loops, so the error is
+    computed where it is used, with no pass over scratch memory of its own."""
     mid = np.float32(0.5) * (lo + hi)
     inv_half = np.float32(2.0) / (hi - lo)
-    mu_min, mu_max, sigma_max = bounds[0], bounds[1], bounds[2]
+    x = (min(max(v, lo), hi) - mid) * inv_half
+    mu = min(max(_horner(mu_coef, x), bounds[0]), bounds[1])
+    sigma = min(max(_horner(sigma_coef, x), np.float32(0.0)), bounds[2])
+    return mu + sigma * eps
+
+
+@numba.njit(inline="always")
+def _draw_error(  # type: ignore[no-untyped-def]
+    v, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, t, err, hashes
+):
+    """``err[i]`` = the error drawn at accumulator value v[i] for element ``start + i`` of the
+    output (``t`` is scratch: it holds eps): for the flat loops of short segments, where the
+    error cannot be computed inside a per-segment loop."""
+    m = v.shape[0]
+    _draw_eps(start, m, key, table, shift, t, hashes)
     for i in range(m):
-        x = (min(max(v[i], lo), hi) - mid) * inv_half
-        mu = min(max(_horner(mu_coef, x), mu_min), mu_max)
-        sigma = min(max(_horner(sigma_coef, x), np.float32(0.0)), sigma_max)
-        err[i] = mu + sigma * t[i]
+        err[i] = _error_at(v[i], t[i], mu_coef, sigma_coef, lo, hi, bounds)
 
 
 @numba.njit(inline="always")
@@ -121,13 +136,13 @@ def _write_output(  # type: ignore[no-untyped-def]
     ``noise``), the block starting in segment ``seg``: the common tail of the fused proxy
     kernels."""
     m = v.shape[0]
-    if noise:
-        _draw_error(v, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift,
-                    t[:m], err[:m], hashes)  # fmt: skip
     channels = scale.shape[0]
     length = min(inner, m)  # a piece of one segment, or whole segments
     c = seg % channels
     if length < SHORT:  # per-segment slices would cost more than the work: one flat loop
+        if noise:
+            _draw_error(v, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift,
+                        t[:m], err[:m], hashes)  # fmt: skip
         j = 0
         for i in range(m):
             e = err[i] if noise else np.float32(0.0)
@@ -137,10 +152,21 @@ def _write_output(  # type: ignore[no-untyped-def]
                 j = 0
                 c = c + 1 if c + 1 < channels else 0
         return
+    fused = length >= FUSED_FROM
+    if noise and fused:
+        _draw_eps(start, m, key, table, shift, t, hashes)
+    elif noise:
+        _draw_error(v, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift,
+                    t[:m], err[:m], hashes)  # fmt: skip
     for first in range(0, m, length):
         s_c, b_c = scale[c], bias[c]
         vs, os_ = v[first : first + length], out[first : first + length]
-        if noise:
+        if noise and fused:
+            ts = t[first : first + length]
+            for i in range(length):
+                e = _error_at(vs[i], ts[i], mu_coef, sigma_coef, lo, hi, bounds)
+                os_[i] = (vs[i] + e) * s_c + b_c
+        elif noise:
             es = err[first : first + length]
             for i in range(length):
                 os_[i] = (vs[i] + es[i]) * s_c + b_c
@@ -204,6 +230,28 @@ def add_noise(y, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, scale, 
                                      out)  # fmt: skip
                     continue
                 c = seg % channels
+                if length >= FUSED_FROM:  # v and the error in one pass; t: eps, then error
+                    _draw_eps(start, m, key, table, shift, t, hashes)
+                    for first in range(0, m, length):
+                        b_c, inv_s = bias[c], np.float32(1.0) / scale[c]
+                        ys = y[start + first : start + first + length]
+                        ts = t[first : first + length]
+                        for i in range(length):
+                            v_i = (ys[i] - b_c) * inv_s
+                            ts[i] = _error_at(v_i, ts[i], mu_coef, sigma_coef, lo, hi, bounds)
+                        c = c + 1 if c + 1 < channels else 0
+                    # A loop of its own: ``out`` may be ``y``, and where LLVM's run-time check
+                    # finds two arrays overlapping it runs a loop's scalar version: cheap for
+                    # this loop, about 7x slower for the polynomials' (measured).
+                    c = seg % channels
+                    for first in range(0, m, length):
+                        s_c = scale[c]
+                        lo_, hi_ = start + first, start + first + length
+                        ys, os_, ts = y[lo_:hi_], out[lo_:hi_], t[first : first + length]
+                        for i in range(length):
+                            os_[i] = ys[i] + ts[i] * s_c
+                        c = c + 1 if c + 1 < channels else 0
+                    continue
                 for first in range(0, m, length):
                     b_c, inv_s = bias[c], np.float32(1.0) / scale[c]
                     ys, vs = y[start + first : start + first + length], v[first : first + length]
