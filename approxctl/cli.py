@@ -729,15 +729,21 @@ def profile(
         f"{result['batch_size']}, {'x'.join(map(str, result['input_shape']))}, {result['device']}",
         title_justify="left",
     )
-    for col in ("mode", "step (s)", "x float", "memory (MB)"):
+    for col in ("mode", "step (s)", "x float", "per round", "memory (MB)"):
         table.add_column(col, justify="left" if col == "mode" else "right")
     base = result["modes"]["float"]["step_s"]
-    rows = [(m, s) for m, s in result["modes"].items()]
-    rows += [(f"{m} + checkpointing", s) for m, s in result.get("checkpointing", {}).items()]
-    for mode, stats in rows:
-        table.add_row(mode, f"{stats['step_s']:.4f}", f"{stats['step_s'] / base:.2f}",
+    quartiles = result["ratio_quartiles"]
+    rows = [(m, s, quartiles.get(m)) for m, s in result["modes"].items()]
+    quartiles = result.get("checkpointing_ratio_quartiles", {})
+    ckpt = result.get("checkpointing", {})
+    rows += [(f"{m} + checkpointing", s, quartiles[m]) for m, s in ckpt.items()]
+    for mode, stats, q in rows:
+        rounds = f"{q[0]:.2f}-{q[1]:.2f}" if q else ""
+        table.add_row(mode, f"{stats['step_s']:.4f}", f"{stats['step_s'] / base:.2f}", rounds,
                       f"{stats['peak_mem_mb']:.1f}")  # fmt: skip
     out.print(table)
+    out.print("x float: median step over float's; per round: the middle half of the ratios of "
+              "steps run back to back")  # fmt: skip
     kind = (
         "peak CUDA memory"
         if result["memory"] == "cuda_peak_allocated"

@@ -54,6 +54,20 @@ def _saved_tensor_mb(step: Callable[[], torch.Tensor]) -> float:
     return sum(seen.values()) / 2**20
 
 
+def paired_ratio_quartiles(times: list[float], base_times: list[float]) -> list[float]:
+    """First and third quartile of the per-round ratios ``times[i] / base_times[i]``.
+
+    Both configurations of a round run back to back, so a slow moment of a shared machine
+    moves both; the spread of the paired ratios says how far one run's ratio can be trusted
+    (on the virtual machines this project measures on, the absolute times of one command swing
+    by up to 20%)."""
+    ratios = [t / b for t, b in zip(times, base_times, strict=True)]
+    if len(ratios) == 1:
+        return [ratios[0], ratios[0]]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return [q1, q3]
+
+
 class _Stepper:
     """One training configuration (mode, checkpointing) of a model on a fixed batch."""
 
@@ -130,11 +144,19 @@ def profile_modes(
     doc: dict[str, Any] = {
         "modes": {m: stats[m].to_json() for m in ("float", "exact", "inject")},
         "ratios": {m: stats[m].step_s / base for m in ("exact", "inject")},
+        "ratio_quartiles": {
+            m: paired_ratio_quartiles(configs[m].times, configs["float"].times)
+            for m in ("exact", "inject")
+        },
     }
     if checkpointing:
         doc["checkpointing"] = {m: stats[f"{m}+ckpt"].to_json() for m in ("exact", "inject")}
         doc["checkpointing_ratios"] = {
             m: stats[f"{m}+ckpt"].step_s / base for m in ("exact", "inject")
+        }
+        doc["checkpointing_ratio_quartiles"] = {
+            m: paired_ratio_quartiles(configs[f"{m}+ckpt"].times, configs["float"].times)
+            for m in ("exact", "inject")
         }
     doc["memory"] = "cuda_peak_allocated" if x.device.type == "cuda" else "autograd_saved_tensors"
     return doc

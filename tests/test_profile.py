@@ -13,7 +13,7 @@ import approxctl
 from approxctl.cli import app
 from approxctl.convert import set_checkpointing
 from approxctl.models import TinyConv
-from approxctl.profile import _saved_tensor_mb, profile_modes
+from approxctl.profile import _saved_tensor_mb, paired_ratio_quartiles, profile_modes
 
 
 def _converted(target: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -56,6 +56,15 @@ def test_profile_modes_reports_every_mode_and_ratio() -> None:
     base = doc["modes"]["float"]["step_s"]
     assert doc["ratios"]["exact"] == pytest.approx(doc["modes"]["exact"]["step_s"] / base)
     assert approxctl.get_mode(model) == "float"  # restored
+    for mode in ("exact", "inject"):  # one round: both quartiles are that round's ratio
+        q1, q3 = doc["ratio_quartiles"][mode]
+        assert q1 == q3 == pytest.approx(doc["ratios"][mode])
+
+
+def test_paired_ratios_pair_each_round_with_its_float_step() -> None:
+    # Rounds 2 and 4 ran on a machine twice as slow: paired, every ratio is 2.
+    assert paired_ratio_quartiles([2.0, 4.0, 2.0, 4.0], [1.0, 2.0, 1.0, 2.0]) == [2.0, 2.0]
+    assert paired_ratio_quartiles([2.0, 4.0, 6.0, 8.0], [1.0] * 4) == [3.5, 6.5]
 
 
 def test_profile_cli_json_shape() -> None:
@@ -69,6 +78,7 @@ def test_profile_cli_json_shape() -> None:
     assert doc["target"] == "analog" and doc["model"] == "tinyconv" and doc["batch_size"] == 4
     assert set(doc["modes"]) == {"float", "exact", "inject"}
     assert set(doc["ratios"]) == {"exact", "inject"}
+    assert set(doc["ratio_quartiles"]) == {"exact", "inject"}
     assert isinstance(doc["device"], str) and doc["device"]
 
 
