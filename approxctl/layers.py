@@ -90,6 +90,8 @@ class ApproxLayer(nn.Module):
         return self.target.proxy(self, q), self.target.output_scale(self, q)
 
     def _approx_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "exact" and not torch.is_grad_enabled() and not self.recording:
+            return self._exact_value(x)
         q = None
         if self.checkpointing and torch.is_grad_enabled():
             # Paper section 3.4: keep only the layer input for backward and recompute the
@@ -119,6 +121,15 @@ class ApproxLayer(nn.Module):
                 self.error_model.record(v, exact - v)
             return straight_through(y, exact, scale, bias)
         return self.error_model.inject(y, scale, bias, self.channel_layout(y))
+
+    def _exact_value(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact mode without autograd (validation, ``approxctl eval``): the hardware's value
+        alone. The proxy only carries the gradient, so it is not computed; the value is the one
+        ``straight_through`` forwards, bit for bit."""
+        q = self.target.quantize(self, x)
+        scale = self.per_channel(self.target.output_scale(self, q))
+        exact = self.target.exact(self, q)
+        return exact * scale + (self.per_channel(self.bias) if self.bias is not None else 0.0)
 
     def _check_ready(self) -> None:
         if not bool(self.calibrated):

@@ -345,6 +345,36 @@ def test_inject_costs_no_emulation(monkeypatch: pytest.MonkeyPatch) -> None:
     assert model(x).shape == (8, 4)
 
 
+@pytest.mark.parametrize("target", ["sc", "am", "analog"])
+def test_exact_inference_skips_the_proxy_and_keeps_every_bit(
+    target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without autograd (validation, eval) exact mode forwards the same bits and never computes
+    the proxy, whose only use is the gradient; fitting an error model still does."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 10, 10)  # signed: the first layer's split inputs
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(800, 5))  # fmt: skip
+    model = approxctl.convert(model, target, example_inputs=x)
+    approxctl.set_mode(model, "exact")
+    with_grad = model(x)
+    assert with_grad.requires_grad
+    calls = []
+    proxy = type(model[0].target).proxy
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return proxy(*args, **kwargs)
+
+    monkeypatch.setattr(type(model[0].target), "proxy", counted)
+    with torch.no_grad():
+        without = model(x)
+    assert torch.equal(without.view(torch.int32), with_grad.detach().view(torch.int32))
+    assert calls == []
+    approxctl.fit_error_model(model, [x])  # records exact - proxy under no_grad
+    assert calls and bool(model[0].error_model.fitted)
+
+
 def test_conv_layer_keeps_the_float_interface() -> None:
     conv = nn.Conv2d(3, 4, 3)
     model = approxctl.convert(nn.Sequential(conv), "sc")
