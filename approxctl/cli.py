@@ -742,8 +742,8 @@ def profile(
         table.add_row(mode, f"{stats['step_s']:.4f}", f"{stats['step_s'] / base:.2f}", rounds,
                       f"{stats['peak_mem_mb']:.1f}")  # fmt: skip
     out.print(table)
-    out.print("x float: median step over float's; per round: the middle half of the ratios of "
-              "steps run back to back")  # fmt: skip
+    out.print("x float: median step over float's; per round: the middle half of the ratios "
+              "within each round (every configuration runs once per round)")  # fmt: skip
     kind = (
         "peak CUDA memory"
         if result["memory"] == "cuda_peak_allocated"

@@ -57,10 +57,10 @@ def _saved_tensor_mb(step: Callable[[], torch.Tensor]) -> float:
 def paired_ratio_quartiles(times: list[float], base_times: list[float]) -> list[float]:
     """First and third quartile of the per-round ratios ``times[i] / base_times[i]``.
 
-    Both configurations of a round run back to back, so a slow moment of a shared machine
-    moves both; the spread of the paired ratios says how far one run's ratio can be trusted
-    (on the virtual machines this project measures on, the absolute times of one command swing
-    by up to 20%)."""
+    Every configuration runs once per round, one after another, so a slow moment of a shared
+    machine moves the steps of a round together; the spread of the paired ratios says how far
+    one run's ratio can be trusted (on the virtual machines this project measures on, the
+    absolute times of one command swing by up to 20%)."""
     ratios = [t / b for t, b in zip(times, base_times, strict=True)]
     if len(ratios) == 1:
         return [ratios[0], ratios[0]]
