@@ -92,6 +92,13 @@ class ApproxLayer(nn.Module):
     def _approx_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "exact" and not torch.is_grad_enabled() and not self.recording:
             return self._exact_value(x)
+        if self.mode == "inject":
+            # A fused forward saves no output-sized tensor, only what its backward reads (for
+            # approx-mult, 8-bit input codes), so it is not checkpointed: that would keep the
+            # float input instead.
+            fused = self.target.fused_inject(self, x, self.error_model.noise_spec())
+            if fused is not None:
+                return fused
         q = None
         if self.checkpointing and torch.is_grad_enabled():
             # Paper section 3.4: keep only the layer input for backward and recompute the

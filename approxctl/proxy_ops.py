@@ -29,7 +29,7 @@ _NO_NOISE_DEGREE = (np.float32(0.0),)
 _NO_BOUNDS = np.array([-np.inf, np.inf, np.inf], dtype=np.float32)
 
 
-def _kernel_noise(noise: NoiseSpec | None) -> tuple[object, ...]:
+def kernel_noise(noise: NoiseSpec | None) -> tuple[object, ...]:
     if noise is not None:
         return noise.kernel_args()
     # Typed placeholders (numba compiles one specialization); the kernels skip the draw.
@@ -67,7 +67,7 @@ class _ScActivation(torch.autograd.Function):
             cpu_pointwise.sc_proxy_forward(
                 _flat(z_pos), _flat(z_neg), channel_vector(scale, channels),
                 channel_vector(0.0 if bias is None else bias, channels), layout.inner,
-                noise is not None, *_kernel_noise(noise), _flat(out), _flat(e_pos), _flat(e_neg),
+                noise is not None, *kernel_noise(noise), _flat(out), _flat(e_pos), _flat(e_neg),
             )  # fmt: skip
             ctx.save_for_backward(e_pos, e_neg, scale)
             return out
@@ -120,7 +120,7 @@ class _HardTanhPairs(torch.autograd.Function):
                 *(flat if len(flat) == 4 else flat * 2), len(flat) == 4, np.float32(t),
                 channel_vector(scale, channels),
                 channel_vector(0.0 if bias is None else bias, channels), layout.inner,
-                noise is not None, *_kernel_noise(noise), _flat(out), _flat(inside),
+                noise is not None, *kernel_noise(noise), _flat(out), _flat(inside),
             )  # fmt: skip
             ctx.save_for_backward(inside, scale)
             ctx.terms = len(zs)

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from torch import nn
 
-from approxctl import luts
+from approxctl import luts, quantized_conv
 from approxctl.backends import registry
 from approxctl.noise import NoiseSpec
 from approxctl.proxy_ops import fake_quant
@@ -63,17 +64,42 @@ class ApproxMultTarget(Target):
 
     def quantize(self, layer: ApproxLayer, x: torch.Tensor) -> dict[str, torch.Tensor]:
         qmax = self.qmax
-        w = layer.weight
-        w_scale = w.detach().abs().flatten(1).amax(dim=1).clamp(min=1e-12) / qmax
         step = float(layer.act_scale()) / qmax
+        w, w_scale = self.quantize_weight(layer)
         return {
             "a": fake_quant(x, step, -qmax, qmax),
             "a_step": torch.tensor(step),
-            # No clamp: |w| / w_scale <= qmax by construction, and a clamp would block the
-            # gradient of each channel's largest weight (float rounding can land just above qmax).
-            "w": ste_round(w / w_scale.view(-1, *([1] * (w.dim() - 1)))),
+            "w": w,
             "w_scale": w_scale,
         }
+
+    def quantize_weight(self, layer: ApproxLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer-valued weights (straight-through rounding) and their per-channel scale."""
+        w = layer.weight
+        w_scale = w.detach().abs().flatten(1).amax(dim=1).clamp(min=1e-12) / self.qmax
+        # No clamp: |w| / w_scale <= qmax by construction, and a clamp would block the
+        # gradient of each channel's largest weight (float rounding can land just above qmax).
+        return ste_round(w / w_scale.view(-1, *([1] * (w.dim() - 1)))), w_scale
+
+    def fused_inject(
+        self, layer: ApproxLayer, x: torch.Tensor, noise: NoiseSpec
+    ) -> torch.Tensor | None:
+        """Convolutions on CPU: the accumulation as an exact integer convolution, the error
+        drawn in the pass that writes the output (``approxctl.quantized_conv``)."""
+        if not (
+            isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros"
+            and not isinstance(layer.padding, str) and quantized_conv.usable(x, self.qmax)
+        ):  # fmt: skip
+            return None
+        w, w_scale = self.quantize_weight(layer)
+        geometry = quantized_conv.ConvGeometry(
+            stride=tuple(layer.stride), padding=tuple(layer.padding),
+            dilation=tuple(layer.dilation), groups=layer.groups,
+        )  # fmt: skip
+        step = float(layer.act_scale()) / self.qmax
+        return quantized_conv.quantized_conv2d(
+            x, w, w_scale, layer.bias, step=step, qmax=self.qmax, geometry=geometry, noise=noise
+        )
 
     def proxy(
         self, layer: ApproxLayer, q: dict[str, torch.Tensor], noise: NoiseSpec | None = None

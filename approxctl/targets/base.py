@@ -162,6 +162,14 @@ class Target(ABC):
             y, noise, scale=scale, bias=torch.as_tensor(bias), layout=layout, inplace=True
         )
 
+    def fused_inject(
+        self, layer: ApproxLayer, x: torch.Tensor, noise: NoiseSpec
+    ) -> torch.Tensor | None:
+        """Inject mode's whole forward (quantization, proxy, error) as one fused op, where the
+        target has one for this layer and input; None: the layer composes it from ``quantize``
+        and ``proxy``. Must give what those give, up to the rounding of the accumulation."""
+        return None
+
     @abstractmethod
     def exact(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
         """The bit-exact hardware result in the accumulator domain (float tensor, no grad)."""

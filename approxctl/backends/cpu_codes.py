@@ -1,0 +1,106 @@
+"""numba kernels around an integer convolution on CPU: 8-bit activation codes in, float
+outputs with the injected error out (``approxctl.quantized_conv``).
+
+``quantize_codes`` writes what the integer convolution reads (uint8 codes ``q + zero_point``)
+and what the straight-through gradient needs (the in-range mask); ``dequantize_codes`` gives
+back the fake-quantized float input for the weight gradient, bit for bit what
+``fake_quant_forward`` writes, so the input need not be kept in float. ``affine_output`` reads the
+convolution's sums in any memory order (oneDNN's int8 convolution writes channels-last) and
+writes the float output in the plain (N, C, H, W) order, drawing the error (SPEC section 4) in the
+same pass.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from approxctl.backends.cpu_pointwise import BLOCK, CHUNKS, _draw_eps, _error_at
+from approxctl.backends.numba_cache import process_safe
+
+TILE = 256  # output pixels per task of affine_output (fewer measured slower, more no faster)
+
+
+@process_safe
+@numba.njit(parallel=True, cache=True, nogil=True)
+def quantize_codes(x, inv_step, qmin, qmax, zero_point, codes, inside):  # type: ignore[no-untyped-def]
+    """codes = clamp(rint(x * inv_step), qmin, qmax) + zero_point (uint8), as
+    ``fake_quant_forward`` rounds; ``inside`` = 1 where the rounded value lies in [qmin, qmax].
+    Returns the number of NaN inputs (their codes are ``zero_point``)."""
+    n = x.shape[0]
+    chunks = min(n // BLOCK + 1, CHUNKS)
+    nans = np.zeros(chunks, dtype=np.int64)
+    zero = np.float32(0.0)
+    for chunk in numba.prange(chunks):
+        lo, hi = chunk * n // chunks, (chunk + 1) * n // chunks
+        xs, cs, ins = x[lo:hi], codes[lo:hi], inside[lo:hi]
+        bad = 0
+        for i in range(hi - lo):
+            q = np.rint(xs[i] * inv_step)
+            finite = q == q
+            clamped = min(max(q, qmin), qmax) if finite else zero
+            cs[i] = np.uint8(np.int32(clamped) + zero_point)
+            ins[i] = np.uint8(1 if qmin <= q <= qmax else 0)
+            bad += 0 if finite else 1
+        nans[chunk] = bad
+    return nans.sum()
+
+
+@process_safe
+@numba.njit(parallel=True, cache=True, nogil=True)
+def dequantize_codes(codes, zero_point, step, out):  # type: ignore[no-untyped-def]
+    """out = (codes - zero_point) * step in float32."""
+    n = codes.shape[0]
+    chunks = min(n // BLOCK + 1, CHUNKS)
+    zp = np.float32(zero_point)
+    for chunk in numba.prange(chunks):
+        lo, hi = chunk * n // chunks, (chunk + 1) * n // chunks
+        cs, os_ = codes[lo:hi], out[lo:hi]
+        for i in range(hi - lo):
+            os_[i] = (np.float32(cs[i]) - zp) * step
+
+
+@process_safe
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
+def affine_output(  # type: ignore[no-untyped-def]
+    acc, stride_n, stride_c, stride_p, samples, inner,
+    noise, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift,
+    scale, factor, bias, out,
+):  # fmt: skip
+    """out[n, c, p] = (v + error(v)) * s_c + bias[c] (no error unless ``noise``), s_c = scale[c] *
+    factor in float32, with
+    v = acc[n * stride_n + c * stride_c + p * stride_p]; ``out`` is flat (N, C, P) and
+    ``inner`` = P pixels per (sample, channel).
+
+    Work goes in tasks of one sample and up to TILE pixels, all channels. The error of a run of
+    pixels of one channel is drawn from the element indices of ``out``, so the values depend on
+    neither the input's memory order nor the number of threads.
+    """
+    channels = scale.shape[0]
+    tile = min(inner, TILE)
+    tiles = (inner + tile - 1) // tile
+    tasks = samples * tiles
+    chunks = min(tasks, CHUNKS)
+    for chunk in numba.prange(chunks):
+        v = np.empty(TILE, dtype=np.float32)
+        t = np.empty(TILE, dtype=np.float32)
+        hashes = np.empty(TILE // 2 + 1, dtype=np.uint32)
+        for task in range(chunk * tasks // chunks, (chunk + 1) * tasks // chunks):
+            sample = task // tiles
+            first = (task - sample * tiles) * tile
+            m = min(tile, inner - first)
+            for c in range(channels):
+                src = sample * stride_n + c * stride_c + first * stride_p
+                row = acc[src : src + (m - 1) * stride_p + 1 : stride_p]
+                for i in range(m):  # a gather of its own, so the loops below vectorize
+                    v[i] = row[i]
+                start = (sample * channels + c) * inner + first
+                s_c, b_c, os_ = scale[c] * factor, bias[c], out[start : start + m]
+                if noise:
+                    _draw_eps(start, m, key, table, shift, t, hashes)
+                    for i in range(m):
+                        e = _error_at(v[i], t[i], mu_coef, sigma_coef, lo, hi, bounds)
+                        os_[i] = (v[i] + e) * s_c + b_c
+                else:
+                    for i in range(m):
+                        os_[i] = v[i] * s_c + b_c

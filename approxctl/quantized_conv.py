@@ -1,0 +1,141 @@
+"""A convolution of quantized operands as one integer convolution: approx-mult's inject forward
+on CPU.
+
+approx-mult's proxy (SPEC 3.1) is the plain accumulation of its quantized operands,
+``sum_k q_a q_w``, and inject mode adds the error drawn at that value (SPEC section 4). Here the
+accumulation is computed as what it is, an integer convolution of 8-bit operands: oneDNN's int8
+convolution where the CPU runs it exactly (``approxctl.backends.cpu_int8``), else a float32
+convolution of the integer values, exact while sums stay below 2^24 (any K with operands up to
+127 and K <= 1040). Both give the same bits there, so runs do not depend on which one ran.
+The float outputs are ``(acc + error(acc)) * a_step * w_scale[c] + bias[c]``, written with the
+error in one pass (``approxctl.backends.cpu_codes``).
+
+The backward is the float layer's: ``convolution_backward`` on the fake-quantized input and
+weights, the same call with the same operands as the float proxy's autograd, so the gradients
+are those of ``conv2d(fake_quant(x), q_w * w_scale) + bias`` bit for bit. Only 8-bit codes and
+the in-range mask are saved (2 bytes per input element, where the float proxy saves 5) and
+nothing of the output's size, so layers do not checkpoint it (that would keep the float input).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from approxctl.backends import cpu_int8
+from approxctl.noise import NoiseSpec, cpu_pointwise, use_kernels
+from approxctl.proxy_ops import kernel_noise
+
+try:
+    from approxctl.backends import cpu_codes
+except ImportError:  # numba missing: callers check ``usable`` first
+    cpu_codes = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+
+def usable(x: torch.Tensor, qmax: int) -> bool:
+    """Whether ``quantized_conv2d`` serves this input: CPU float32 (N, C, H, W), the numba
+    kernels present, and codes that fit 8 bits (|q| <= 127)."""
+    return (
+        cpu_codes is not None and cpu_pointwise is not None and x.dim() == 4
+        and use_kernels(x) and qmax <= 127
+    )  # fmt: skip
+
+
+def _flat(t: torch.Tensor) -> np.ndarray:
+    return t.detach().view(-1).numpy()
+
+
+_ZERO_POINT = 128  # codes q + 128 in [1, 255]: oneDNN's int8 convolution takes unsigned inputs
+
+
+class _QuantizedConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_q, w_scale, bias, step, qmax, geometry, noise):  # type: ignore[no-untyped-def]
+        x = x.contiguous()
+        codes = torch.empty(x.shape, dtype=torch.uint8)
+        inside = torch.empty(x.shape, dtype=torch.uint8)
+        nans = cpu_codes.quantize_codes(
+            _flat(x), np.float32(1.0) / np.float32(step), np.float32(-qmax), np.float32(qmax),
+            np.int32(_ZERO_POINT), _flat(codes), _flat(inside),
+        )  # fmt: skip
+        w_q = w_q.detach()
+        conv = (geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
+        if nans == 0 and cpu_int8.available():
+            acc = cpu_int8.conv2d(codes, _ZERO_POINT, w_q.to(torch.int8), *conv)
+        else:
+            ints = codes.to(torch.float32).sub_(_ZERO_POINT)
+            if nans:  # a diverged input stays NaN in the outputs that see it, as in float
+                ints[torch.isnan(x)] = float("nan")
+            acc = F.conv2d(ints, w_q, None, *conv)
+        samples, channels, height, width = acc.shape
+        stride_n, stride_c, stride_h, stride_w = acc.stride()
+        dense = stride_h == width * stride_w and acc.is_contiguous(
+            memory_format=torch.channels_last if stride_c == 1 else torch.contiguous_format
+        )
+        if not dense:
+            acc = acc.contiguous()
+            stride_n, stride_c, stride_w = channels * height * width, height * width, 1
+        out = torch.empty(acc.shape)
+        ctx.has_bias = bias is not None
+        bias = np.zeros(channels, dtype=np.float32) if bias is None else _flat(bias.float())
+        cpu_codes.affine_output(
+            acc.as_strided((acc.numel(),), (1,)).numpy(), stride_n, stride_c, stride_w,
+            samples, height * width, noise is not None, *kernel_noise(noise),
+            _flat(w_scale.float()), np.float32(step), bias, _flat(out),
+        )  # fmt: skip
+        # The mask only where the input wants a gradient (a network's input does not).
+        ctx.save_for_backward(codes, inside if ctx.needs_input_grad[0] else None, w_q, w_scale)
+        ctx.step, ctx.conv = step, conv
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        codes, inside, w_q, w_scale = ctx.saved_tensors
+        need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
+        x_q = torch.empty(codes.shape)
+        cpu_codes.dequantize_codes(_flat(codes), _ZERO_POINT, np.float32(ctx.step), _flat(x_q))
+        w_scale = w_scale.view(-1, *([1] * (w_q.dim() - 1)))
+        stride, padding, dilation, groups = ctx.conv
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad.contiguous(), x_q, w_q * w_scale, [w_q.shape[0]] if ctx.has_bias else None,
+            stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, need_b],
+        )  # fmt: skip
+        if need_x:  # the straight-through gradient of the input's quantization
+            masked = torch.empty_like(grad_x)
+            cpu_pointwise.masked_grad(_flat(grad_x.contiguous()), _flat(inside), _flat(masked))
+            grad_x = masked
+        if need_w:  # w_q * w_scale's backward, as autograd computes it
+            grad_w = grad_w * w_scale
+        return grad_x, grad_w, None, grad_b if need_b else None, None, None, None, None
+
+
+def quantized_conv2d(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    step: float,
+    qmax: int,
+    geometry: ConvGeometry,
+    noise: NoiseSpec | None,
+) -> torch.Tensor:
+    """``conv2d(fake_quant(x, step, -qmax, qmax), w_q * w_scale) + bias`` with the sums computed
+    exactly as integers, plus the error drawn at them (times ``step * w_scale``) if ``noise``.
+
+    ``w_q`` holds integer values in [-qmax, qmax] (straight-through rounded weights, so its
+    gradient reaches the float weights); ``w_scale`` is per output channel, without gradient.
+    Only for inputs ``usable`` accepts; zero padding (given in ``geometry``).
+    """
+    return _QuantizedConv.apply(x, w_q, w_scale, bias, step, qmax, geometry, noise)
