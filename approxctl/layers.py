@@ -93,9 +93,8 @@ class ApproxLayer(nn.Module):
         if self.mode == "exact" and not torch.is_grad_enabled() and not self.recording:
             return self._exact_value(x)
         if self.mode == "inject":
-            # A fused forward saves no output-sized tensor, only what its backward reads (for
-            # approx-mult, 8-bit input codes), so it is not checkpointed: that would keep the
-            # float input instead.
+            # A fused forward saves no output-sized tensor, and under checkpointing only the
+            # layer input (the target reads ``self.checkpointing``).
             fused = self.target.fused_inject(self, x, self.error_model.noise_spec())
             if fused is not None:
                 return fused

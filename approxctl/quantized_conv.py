@@ -14,7 +14,7 @@ The backward is the float layer's: ``convolution_backward`` on the fake-quantize
 weights, the same call with the same operands as the float proxy's autograd, so the gradients
 are those of ``conv2d(fake_quant(x), q_w * w_scale) + bias`` bit for bit. Only 8-bit codes and
 the in-range mask are saved (2 bytes per input element, where the float proxy saves 5) and
-nothing of the output's size, so layers do not checkpoint it (that would keep the float input).
+nothing of the output's size; under gradient checkpointing, the float input alone.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ _ZERO_POINT = 128  # codes q + 128 in [1, 255]: oneDNN's int8 convolution takes 
 
 class _QuantizedConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_q, w_scale, bias, step, qmax, geometry, noise):  # type: ignore[no-untyped-def]
+    def forward(ctx, x, w_q, w_scale, bias, step, qmax, geometry, noise, keep_input):  # type: ignore[no-untyped-def]
         x = x.contiguous()
         codes = torch.empty(x.shape, dtype=torch.uint8)
         inside = torch.empty(x.shape, dtype=torch.uint8)
@@ -94,9 +94,11 @@ class _QuantizedConv(torch.autograd.Function):
             samples, height * width, noise is not None, *kernel_noise(noise),
             _flat(w_scale.float()), np.float32(step), bias, _flat(out),
         )  # fmt: skip
-        # The mask only where the input wants a gradient (a network's input does not).
-        ctx.save_for_backward(codes, inside if ctx.needs_input_grad[0] else None, w_q, w_scale)
-        ctx.step, ctx.conv = step, conv
+        if keep_input:  # checkpointing: keep only the input, quantize it again in backward
+            ctx.save_for_backward(x, None, w_q, w_scale)
+        else:  # the mask only where the input wants a gradient (a network's input does not)
+            ctx.save_for_backward(codes, inside if ctx.needs_input_grad[0] else None, w_q, w_scale)
+        ctx.step, ctx.qmax, ctx.conv, ctx.keep_input = step, qmax, conv, keep_input
         return out
 
     @staticmethod
@@ -104,7 +106,15 @@ class _QuantizedConv(torch.autograd.Function):
         codes, inside, w_q, w_scale = ctx.saved_tensors
         need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
         x_q = torch.empty(codes.shape)
-        cpu_codes.dequantize_codes(_flat(codes), _ZERO_POINT, np.float32(ctx.step), _flat(x_q))
+        step = np.float32(ctx.step)
+        if ctx.keep_input:  # ``codes`` is the input: the same rounding as the forward's
+            x, inside = codes, torch.empty(codes.shape, dtype=torch.uint8)
+            cpu_pointwise.fake_quant_forward(
+                _flat(x), np.float32(1.0) / step, step, np.float32(-ctx.qmax),
+                np.float32(ctx.qmax), _flat(x_q), _flat(inside),
+            )  # fmt: skip
+        else:
+            cpu_codes.dequantize_codes(_flat(codes), _ZERO_POINT, step, _flat(x_q))
         w_scale = w_scale.view(-1, *([1] * (w_q.dim() - 1)))
         stride, padding, dilation, groups = ctx.conv
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
@@ -117,7 +127,7 @@ class _QuantizedConv(torch.autograd.Function):
             grad_x = masked
         if need_w:  # w_q * w_scale's backward, as autograd computes it
             grad_w = grad_w * w_scale
-        return grad_x, grad_w, None, grad_b if need_b else None, None, None, None, None
+        return grad_x, grad_w, None, grad_b if need_b else None, None, None, None, None, None
 
 
 def quantized_conv2d(
@@ -130,12 +140,16 @@ def quantized_conv2d(
     qmax: int,
     geometry: ConvGeometry,
     noise: NoiseSpec | None,
+    keep_input: bool = False,
 ) -> torch.Tensor:
     """``conv2d(fake_quant(x, step, -qmax, qmax), w_q * w_scale) + bias`` with the sums computed
     exactly as integers, plus the error drawn at them (times ``step * w_scale``) if ``noise``.
 
     ``w_q`` holds integer values in [-qmax, qmax] (straight-through rounded weights, so its
     gradient reaches the float weights); ``w_scale`` is per output channel, without gradient.
-    Only for inputs ``usable`` accepts; zero padding (given in ``geometry``).
+    Only for inputs ``usable`` accepts; zero padding (given in ``geometry``). ``keep_input``
+    (gradient checkpointing) keeps the float input for the backward instead of its 8-bit codes
+    and mask: less memory where another op keeps that input anyway (a ReLU's output feeding the
+    conv), more where none does; one more quantization pass in the backward.
     """
-    return _QuantizedConv.apply(x, w_q, w_scale, bias, step, qmax, geometry, noise)
+    return _QuantizedConv.apply(x, w_q, w_scale, bias, step, qmax, geometry, noise, keep_input)

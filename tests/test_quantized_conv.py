@@ -154,10 +154,10 @@ def _operands(geometry: tuple[int, ...], seed: int = 0):  # type: ignore[no-unty
     return x, w_q, w_scale, bias, conv
 
 
-@pytest.mark.parametrize("int8", [True, False])
+@pytest.mark.parametrize(("int8", "keep_input"), [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_quantized_conv_sums_exactly_and_has_the_float_proxys_gradients(
-    geometry: tuple[int, ...], int8: bool, monkeypatch: pytest.MonkeyPatch
+    geometry: tuple[int, ...], int8: bool, keep_input: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if int8 and not cpu_int8.available():
         pytest.skip("no exact oneDNN int8 convolution on this CPU")
@@ -166,7 +166,9 @@ def test_quantized_conv_sums_exactly_and_has_the_float_proxys_gradients(
     step = 0.02  # inputs beyond 127 steps are clamped: both gradient masks are exercised
     args = (conv.stride, conv.padding, conv.dilation, conv.groups)
     xa, wa, ba = (t.clone().requires_grad_() for t in (x, w_q, bias))
-    out = quantized_conv2d(xa, wa, w_scale, ba, step=step, qmax=127, geometry=conv, noise=None)
+    out = quantized_conv2d(
+        xa, wa, w_scale, ba, step=step, qmax=127, geometry=conv, noise=None, keep_input=keep_input
+    )
     xb, wb, bb = (t.clone().requires_grad_() for t in (x, w_q, bias))
     proxy = F.conv2d(fake_quant(xb, step, -127, 127), wb * w_scale.view(-1, 1, 1, 1), bb, *args)
 

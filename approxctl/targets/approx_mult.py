@@ -98,8 +98,9 @@ class ApproxMultTarget(Target):
         )  # fmt: skip
         step = float(layer.act_scale()) / self.qmax
         return quantized_conv.quantized_conv2d(
-            x, w, w_scale, layer.bias, step=step, qmax=self.qmax, geometry=geometry, noise=noise
-        )
+            x, w, w_scale, layer.bias, step=step, qmax=self.qmax, geometry=geometry, noise=noise,
+            keep_input=layer.checkpointing and torch.is_grad_enabled(),
+        )  # fmt: skip
 
     def proxy(
         self, layer: ApproxLayer, q: dict[str, torch.Tensor], noise: NoiseSpec | None = None
