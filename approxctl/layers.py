@@ -95,7 +95,8 @@ class ApproxLayer(nn.Module):
         if self.mode == "inject":
             # A fused forward saves no output-sized tensor, and under checkpointing only the
             # layer input (the target reads ``self.checkpointing``).
-            fused = self.target.fused_inject(self, x, self.error_model.noise_spec())
+            noise = self.error_model.noise_spec()
+            fused = self.target.fused_inject(self, x, noise)
             if fused is not None:
                 return fused
         q = None
@@ -109,7 +110,7 @@ class ApproxLayer(nn.Module):
         elif self.mode == "inject":
             # The target draws the error in the same pass as its proxy activation.
             q = self.target.quantize(self, x)
-            return self.target.proxy(self, q, noise=self.error_model.noise_spec())
+            return self.target.proxy(self, q, noise=noise)
         else:
             q = self.target.quantize(self, x)
             y, scale = self.target.proxy(self, q), self.target.output_scale(self, q)
