@@ -46,10 +46,7 @@ class ConvGeometry:
 def usable(x: torch.Tensor, qmax: int) -> bool:
     """Whether ``quantized_conv2d`` serves this input: CPU float32 (N, C, H, W), the numba
     kernels present, and codes that fit 8 bits (|q| <= 127)."""
-    return (
-        cpu_codes is not None and cpu_pointwise is not None and x.dim() == 4
-        and use_kernels(x) and qmax <= 127
-    )  # fmt: skip
+    return cpu_codes is not None and x.dim() == 4 and use_kernels(x) and qmax <= 127
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
@@ -78,14 +75,10 @@ class _QuantizedConv(torch.autograd.Function):
             if nans:  # a diverged input stays NaN in the outputs that see it, as in float
                 ints[torch.isnan(x)] = float("nan")
             acc = F.conv2d(ints, w_q, None, *conv)
-        samples, channels, height, width = acc.shape
-        stride_n, stride_c, stride_h, stride_w = acc.stride()
-        dense = stride_h == width * stride_w and acc.is_contiguous(
-            memory_format=torch.channels_last if stride_c == 1 else torch.contiguous_format
-        )
-        if not dense:
+        if not (acc.is_contiguous() or acc.is_contiguous(memory_format=torch.channels_last)):
             acc = acc.contiguous()
-            stride_n, stride_c, stride_w = channels * height * width, height * width, 1
+        samples, channels, height, width = acc.shape
+        stride_n, stride_c, _, stride_w = acc.stride()  # either order: pixel p at p * stride_w
         out = torch.empty(acc.shape)
         ctx.has_bias = bias is not None
         bias = np.zeros(channels, dtype=np.float32) if bias is None else _flat(bias.float())
