@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from approxctl import integer_conv
 from approxctl.error_models import ErrorModel, make_error_model
 from approxctl.errors import ApproxError
 from approxctl.noise import ChannelLayout
@@ -185,6 +186,24 @@ class ApproxLayer(nn.Module):
         """sum over (x, w) of accumulate(x, w), as one conv/GEMM over concatenated inputs."""
         raise NotImplementedError
 
+    def integer_sums(self, x: torch.Tensor) -> bool:
+        """Whether the proxy accumulates input ``x``'s quantized operands as exact integer
+        convolutions (``integer_accumulate``): in inject mode, for convolutions on CPU. Exact
+        mode keeps the float proxy: there it only shapes the gradient, and its cost is small
+        beside the emulation's."""
+        return False
+
+    def integer_accumulate(
+        self,
+        terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+        out_scale: float,
+        max_product: int,
+    ) -> torch.Tensor:
+        """``accumulate_terms`` of (x_q, w) pairs given with their integer codes, as
+        (x_q, x_codes, w, w_codes), the sums computed exactly (``approxctl.integer_conv``):
+        ``out_scale`` = x_q / x_codes * w / w_codes; ``max_product`` bounds |x_code * w_code|."""
+        raise NotImplementedError
+
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """Input as GEMM rows per group, (G, R, K_g), K ordered (in_channel, kh, kw).
 
@@ -297,6 +316,37 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
         # matching group_concat's input order.
         weight = torch.cat([w for _, w in terms], 1)
         return self.accumulate(self.group_concat([x for x, _ in terms]), weight)
+
+    def integer_sums(self, x: torch.Tensor) -> bool:
+        return (
+            self.mode == "inject" and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+            and self.reduction_size >= integer_conv.MIN_REDUCTION and integer_conv.usable(x)
+        )  # fmt: skip
+
+    def integer_accumulate(
+        self,
+        terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+        out_scale: float,
+        max_product: int,
+    ) -> torch.Tensor:
+        # Concatenated as accumulate_terms concatenates: inputs and weights within each group.
+        x_q = self.group_concat([t[0] for t in terms])
+        codes = self.group_concat([t[1] for t in terms])
+        weight = torch.cat([t[2] for t in terms], 1)
+        w_codes = torch.cat([t[3] for t in terms], 1)
+        bound = max_product * weight[0].numel()
+        return integer_conv.integer_conv2d(
+            x_q, codes, weight, w_codes, out_scale=out_scale, geometry=self.zero_padded_geometry(),
+            bound=bound,
+        )  # fmt: skip
+
+    def zero_padded_geometry(self) -> integer_conv.ConvGeometry:
+        """The conv's arguments, for a layer with zero padding given as numbers."""
+        return integer_conv.ConvGeometry(
+            stride=tuple(self.stride), padding=tuple(self.padding),  # type: ignore[arg-type]
+            dilation=tuple(self.dilation), groups=self.groups,
+        )  # fmt: skip
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         integer = not x.dtype.is_floating_point

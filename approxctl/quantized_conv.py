@@ -3,10 +3,10 @@ on CPU.
 
 approx-mult's proxy (SPEC 3.1) is the plain accumulation of its quantized operands,
 ``sum_k q_a q_w``, and inject mode adds the error drawn at that value (SPEC section 4). Here the
-accumulation is computed as what it is, an integer convolution of 8-bit operands: oneDNN's int8
-convolution where the CPU runs it exactly (``approxctl.backends.cpu_int8``), else a float32
-convolution of the integer values, exact while sums stay below 2^24 (any K with operands up to
-127 and K <= 1040). Both give the same bits there, so runs do not depend on which one ran.
+accumulation is computed as what it is, an integer convolution of 8-bit operands
+(``approxctl.integer_conv.exact_sums``: oneDNN's int8 convolution where the CPU runs it exactly,
+else a float32 convolution of the integer values while that is exact, below 2^24, else a float64
+one). Every way gives the same bits, so runs do not depend on which one ran.
 The float outputs are ``(acc + error(acc)) * a_step * w_scale[c] + bias[c]``, written with the
 error in one pass (``approxctl.backends.cpu_codes``).
 
@@ -19,13 +19,11 @@ nothing of the output's size; under gradient checkpointing, the float input alon
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from approxctl.backends import cpu_int8
+from approxctl.integer_conv import ConvGeometry, exact_sums
 from approxctl.noise import NoiseSpec, cpu_pointwise, use_kernels
 from approxctl.proxy_ops import kernel_noise
 
@@ -33,14 +31,6 @@ try:
     from approxctl.backends import cpu_codes
 except ImportError:  # numba missing: callers check ``usable`` first
     cpu_codes = None  # type: ignore[assignment]
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    groups: int
 
 
 def usable(x: torch.Tensor, qmax: int) -> bool:
@@ -67,13 +57,13 @@ class _QuantizedConv(torch.autograd.Function):
             np.int32(_ZERO_POINT), _flat(codes), _flat(inside),
         )  # fmt: skip
         w_q = w_q.detach()
-        conv = (geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
-        if nans == 0 and cpu_int8.available():
-            acc = cpu_int8.conv2d(codes, _ZERO_POINT, w_q.to(torch.int8), *conv)
-        else:
+        conv = geometry.args
+        if nans == 0:
+            bound = qmax**2 * w_q[0].numel()
+            acc = exact_sums(codes, _ZERO_POINT, w_q.to(torch.int8), geometry, bound)
+        else:  # a diverged input stays NaN in the outputs that see it, as in float
             ints = codes.to(torch.float32).sub_(_ZERO_POINT)
-            if nans:  # a diverged input stays NaN in the outputs that see it, as in float
-                ints[torch.isnan(x)] = float("nan")
+            ints[torch.isnan(x)] = float("nan")
             acc = F.conv2d(ints, w_q, None, *conv)
         if not (acc.is_contiguous() or acc.is_contiguous(memory_format=torch.channels_last)):
             acc = acc.contiguous()

@@ -59,8 +59,9 @@ def conv2d(
 ) -> torch.Tensor:
     """``conv2d(codes - zero_point, weight)`` in float32, exact: ``codes`` uint8 (N, C, H, W),
     ``weight`` int8 (O, C / groups, kh, kw), zero padding. The int32 sums are converted to
-    float32 (exact below 2^24). The result is in channels-last memory order (oneDNN's int8
-    layout); its values are those of a plain tensor of the same shape."""
+    float32 (exact below 2^24, rounded to nearest even above; ``_self_test`` checks both). The
+    result is in channels-last memory order (oneDNN's int8 layout); its values are those of a
+    plain tensor of the same shape."""
     out_channels = weight.shape[0]
     ones = torch.ones(out_channels)
     stride, padding, dilation = list(stride), list(padding), list(dilation)
@@ -85,12 +86,15 @@ def _self_test() -> bool:
          torch.randint(-127, 128, (6, 4, 3, 2), generator=gen, dtype=torch.int8), 2, 1, 2, 3),
         (torch.randint(0, 256, (2, 8, 11, 11), generator=gen, dtype=torch.uint8), 0,
          torch.randint(-128, 128, (8, 1, 5, 5), generator=gen, dtype=torch.int8), 1, 2, 1, 8),
+        # sums past 2^24 (up to 255 x 127 x 800): float32 must get them rounded once
+        (torch.randint(200, 256, (2, 32, 7, 7), generator=gen, dtype=torch.uint8), 0,
+         torch.randint(100, 128, (4, 32, 5, 5), generator=gen, dtype=torch.int8), 1, 0, 1, 1),
     ]  # fmt: skip
     for codes, zero_point, weight, stride, padding, dilation, groups in cases:
         geometry = ([stride] * 2, [padding] * 2, [dilation] * 2, groups)
         got = conv2d(codes, zero_point, weight, *geometry)
         want = F.conv2d(codes.double() - zero_point, weight.double(), None, *geometry)
-        if not torch.equal(got.double(), want):
+        if not torch.equal(got, want.float()):
             return False
     return True
 

@@ -19,8 +19,8 @@ from approxctl.backends import registry
 from approxctl.errors import ApproxError
 from approxctl.functional import validate_analog_params
 from approxctl.noise import NoiseSpec
-from approxctl.proxy_ops import fake_quant, hardtanh_pairs
-from approxctl.targets.base import Target, TargetConfig, ste_round
+from approxctl.proxy_ops import hardtanh_pairs
+from approxctl.targets.base import Target, TargetConfig, quantize_inputs, ste_round
 
 if TYPE_CHECKING:
     from approxctl.layers import ApproxLayer
@@ -130,13 +130,12 @@ class AnalogTarget(Target):
         w_scale = w.detach().abs().flatten(1).amax(dim=1).clamp(min=1e-12) / 127
         step = float(layer.act_scale()) / 255
         q = {
-            "a": fake_quant(x, step, 0, 255),
             "a_step": torch.tensor(step),
             "w": ste_round(w / w_scale.view(-1, *([1] * (w.dim() - 1)))),  # see approx_mult
             "w_scale": w_scale,
         }
-        if bool(layer.input_signed):
-            q["a_neg"] = fake_quant(-x, step, 0, 255)
+        inputs = {"a": x, "a_neg": -x} if bool(layer.input_signed) else {"a": x}
+        q.update(quantize_inputs(layer, inputs, step, 255))
         return q
 
     def _clamp_t(self, layer: ApproxLayer) -> float:
@@ -159,7 +158,18 @@ class AnalogTarget(Target):
             z = z * scale
             return self.add_noise(layer, z if bias is None else z + bias, q, noise)
         w_pos, w_neg = w.clamp(min=0), (-w).clamp(min=0)
-        pairs = [(layer.accumulate(a, w_pos), layer.accumulate(a, w_neg)) for a in inputs]
+        if "a_codes" in q:  # inject mode on CPU: the sums as exact integer convolutions
+            w_int = q["w"].detach().to(torch.int8)
+            signs = [(w_pos, w_int.clamp(min=0)), (w_neg, w_int.neg().clamp_(min=0))]
+            pairs = [
+                tuple(  # type: ignore[misc]
+                    layer.integer_accumulate([(q[a], q[a + "_codes"], w_s, c_s)], 1.0, 255 * 127)
+                    for w_s, c_s in signs
+                )
+                for a in ("a", "a_neg") if a in q
+            ]  # fmt: skip
+        else:
+            pairs = [(layer.accumulate(a, w_pos), layer.accumulate(a, w_neg)) for a in inputs]
         return hardtanh_pairs(
             pairs, self._clamp_t(layer), scale, bias,
             layout=layer.channel_layout(pairs[0][0]), noise=noise,

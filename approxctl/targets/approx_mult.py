@@ -92,13 +92,10 @@ class ApproxMultTarget(Target):
         ):  # fmt: skip
             return None
         w, w_scale = self.quantize_weight(layer)
-        geometry = quantized_conv.ConvGeometry(
-            stride=tuple(layer.stride), padding=tuple(layer.padding),
-            dilation=tuple(layer.dilation), groups=layer.groups,
-        )  # fmt: skip
         step = float(layer.act_scale()) / self.qmax
         return quantized_conv.quantized_conv2d(
-            x, w, w_scale, layer.bias, step=step, qmax=self.qmax, geometry=geometry, noise=noise,
+            x, w, w_scale, layer.bias, step=step, qmax=self.qmax,
+            geometry=layer.zero_padded_geometry(), noise=noise,
             keep_input=layer.checkpointing and torch.is_grad_enabled(),
         )  # fmt: skip
 

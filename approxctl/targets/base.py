@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from approxctl import integer_conv
 from approxctl.errors import ApproxError
 from approxctl.noise import NoiseSpec, add_error
+from approxctl.proxy_ops import fake_quant
 
 if TYPE_CHECKING:
     from approxctl.layers import ApproxLayer
@@ -188,6 +190,28 @@ class Target(ABC):
     def describe(self, layer: ApproxLayer) -> dict[str, Any]:
         """Resolved per-layer settings for reports and approx.json."""
         return {}
+
+
+def quantize_inputs(
+    layer: ApproxLayer,
+    inputs: dict[str, torch.Tensor],
+    step: float,
+    qmax: int,
+    *,
+    integer: bool = True,
+) -> dict[str, torch.Tensor]:
+    """``fake_quant(x, step, 0, qmax)`` of each named input (``a``, ``a_neg``), and where the
+    layer accumulates in integers (``layer.integer_sums``; ``integer``: the target's operands
+    fit it), their uint8 codes as ``a_codes``, ``a_neg_codes``: none unless every input has
+    them (a NaN input has none)."""
+    if not (integer and qmax <= 255 and layer.integer_sums(inputs["a"])):
+        return {name: fake_quant(x, step, 0, qmax) for name, x in inputs.items()}
+    out, codes = {}, {}
+    for name, x in inputs.items():
+        out[name], codes[name + "_codes"] = integer_conv.fake_quant_codes(x, step, qmax)
+    if all(c is not None for c in codes.values()):
+        out.update(codes)
+    return out
 
 
 def ste_round(x: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,8 @@ from approxctl import streams
 from approxctl.backends import registry
 from approxctl.errors import ApproxError
 from approxctl.noise import NoiseSpec
-from approxctl.proxy_ops import fake_quant, sc_activation
-from approxctl.targets.base import Target, TargetConfig, ste_round
+from approxctl.proxy_ops import sc_activation
+from approxctl.targets.base import Target, TargetConfig, quantize_inputs, ste_round
 
 if TYPE_CHECKING:
     from approxctl.layers import ApproxLayer
@@ -57,13 +57,13 @@ class ScTarget(Target):
         length, gain = self.config.length, self.config.gain
         step = float(layer.act_scale()) / length
         q = {
-            "a": fake_quant(x, step, 0, length),
             "a_step": torch.tensor(step),
             "w_pos": ste_round((gain * layer.weight).clamp(0, 1) * length),
             "w_neg": ste_round((-gain * layer.weight).clamp(0, 1) * length),
         }
-        if bool(layer.input_signed):
-            q["a_neg"] = fake_quant(-x, step, 0, length)
+        inputs = {"a": x, "a_neg": -x} if bool(layer.input_signed) else {"a": x}
+        # Integer sums take weight codes up to 127 (int8): L = 16, 32, 64.
+        q.update(quantize_inputs(layer, inputs, step, length, integer=length <= 127))
         return q
 
     def proxy(
@@ -88,7 +88,23 @@ class ScTarget(Target):
             terms = [(x, wp - wn) for (x, wp), (_, wn) in zip(pos_terms, neg_terms, strict=True)]
             z = layer.accumulate_terms(terms) * scale
             return self.add_noise(layer, z if bias is None else z + bias, q, noise)
-        z_pos, z_neg = layer.accumulate_terms(pos_terms), layer.accumulate_terms(neg_terms)
+        if "a_codes" in q:  # inject mode on CPU: the sums as exact integer convolutions
+            weights = {  # (float weights, their int8 codes) per sign
+                "+": (w_pos, q["w_pos"].detach().to(torch.int8)),
+                "-": (w_neg, q["w_neg"].detach().to(torch.int8)),
+            }
+            # The same terms as pos_terms / neg_terms above, with the inputs' codes.
+            stream_terms = [("a", "+"), ("a_neg", "-")], [("a", "-"), ("a_neg", "+")]
+            z_pos, z_neg = (
+                layer.integer_accumulate(
+                    [(q[a], q[a + "_codes"], *weights[sign]) for a, sign in terms if a in q],
+                    out_scale=1.0 / self.config.length**2,
+                    max_product=self.config.length**2,
+                )
+                for terms in stream_terms
+            )
+        else:
+            z_pos, z_neg = layer.accumulate_terms(pos_terms), layer.accumulate_terms(neg_terms)
         layout = layer.channel_layout(z_pos)
         return sc_activation(z_pos, z_neg, scale, bias, layout=layout, noise=noise)
 

@@ -1,0 +1,174 @@
+"""Convolutions of fake-quantized operands whose sums are computed exactly, as integers (CPU).
+
+The proxies of sc and analog (SPEC 3.2, 3.3) accumulate quantized operands: stream
+probabilities in [0, L] times weight codes in [0, L], or 8-bit inputs in [0, 255] times weight
+magnitudes in [0, 127], once per weight sign. In float32 those are two convolutions per layer
+where the float layer runs one; as integer convolutions (oneDNN's int8 one on VNNI,
+``approxctl.backends.cpu_int8``) they cost less than one float convolution on this project's
+layers, and their sums are exact. Inject mode uses them on CPU (``ApproxLayer.integer_sums``).
+
+Values: ``float32(sum_k codes_k * w_codes_k) * out_scale``, the exact integer sum rounded once to
+float32 (it is already exact below 2^24, which covers every sc layer up to K = 16384). Where the
+int8 convolution is unavailable the same values come from a float32 convolution of the integer
+codes while the sums provably stay below 2^24, else from a float64 one (exact), so results do
+not depend on the CPU.
+
+Gradients: those of ``conv2d(x_q, weight)`` on the fake-quantized float operands, from the same
+``convolution_backward`` call that autograd makes for the float proxy, so the backward costs
+what it did and is the float proxy's up to the rounding of the forward sums it sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from approxctl.backends import cpu_int8
+from approxctl.noise import cpu_pointwise, use_kernels
+from approxctl.proxy_ops import fake_quant, kernel_noise
+
+try:
+    from approxctl.backends import cpu_codes
+except ImportError:  # numba missing: callers check ``usable`` first
+    cpu_codes = None  # type: ignore[assignment]
+
+# Layers with fewer products per output (a first layer's 5x5 window on one channel: 25;
+# depthwise convs) are bound by memory, not by multiply-adds: there the integer path's extra
+# passes (the codes, the sums' transpose) cost more than its cheaper multiply-adds save. TinyConv
+# at batch 128, sc and analog inject: the first layer (K = 25) on this path measured 3-8% slower
+# per step, the others (K = 800) 5-8% faster (docs/benchmarks.md).
+MIN_REDUCTION = 64
+_FLOAT32_EXACT = 1 << 24  # integers up to this magnitude, and sums of them, are exact in float32
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    @property
+    def args(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]:
+        return self.stride, self.padding, self.dilation, self.groups
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether the integer path serves this input: CPU float32 (N, C, H, W), numba present."""
+    return cpu_codes is not None and x.dim() == 4 and use_kernels(x)
+
+
+def exact_sums(
+    codes: torch.Tensor,
+    zero_point: int,
+    w_codes: torch.Tensor,
+    geometry: ConvGeometry,
+    bound: int,
+) -> torch.Tensor:
+    """``conv2d(codes - zero_point, w_codes)`` as float32 values of the exact integer sums
+    (rounded once, to nearest even, where they exceed 2^24). ``codes`` uint8 (N, C, H, W),
+    ``w_codes`` int8 (O, C / groups, kh, kw); ``bound`` >= every |sum| of |products|, which
+    decides whether the float32 fallback is exact. The result may be channels-last."""
+    if cpu_int8.available():
+        return cpu_int8.conv2d(codes, zero_point, w_codes, *geometry.args)
+    dtype = torch.float32 if bound < _FLOAT32_EXACT else torch.float64
+    ints = codes.to(dtype)
+    if zero_point:
+        ints.sub_(zero_point)
+    return F.conv2d(ints, w_codes.to(dtype), None, *geometry.args).to(torch.float32)
+
+
+def _flat(t: torch.Tensor) -> np.ndarray:
+    return t.detach().view(-1).numpy()
+
+
+class _Dequantized(torch.autograd.Function):
+    """``codes * step`` forward (what ``fake_quant`` returns, bit for bit), the straight-through
+    gradient where ``inside`` is set backward."""
+
+    @staticmethod
+    def forward(ctx, x, codes, inside, step):  # type: ignore[no-untyped-def]
+        out = torch.empty(codes.shape)
+        cpu_codes.dequantize_codes(_flat(codes), 0, np.float32(step), _flat(out))
+        ctx.save_for_backward(inside)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        (inside,) = ctx.saved_tensors
+        out = torch.empty(grad.shape)
+        cpu_pointwise.masked_grad(_flat(grad.contiguous()), _flat(inside), _flat(out))
+        return out, None, None, None
+
+
+def fake_quant_codes(
+    x: torch.Tensor, step: float, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``fake_quant(x, step, 0, qmax)`` and its integer codes (uint8, in [0, qmax <= 255]).
+
+    The codes are None where ``x`` holds NaN: the caller then accumulates in float, so a
+    diverged input stays NaN in the outputs it reaches, as on every other path."""
+    x = x.contiguous()
+    codes = torch.empty(x.shape, dtype=torch.uint8)
+    inside = torch.empty(x.shape, dtype=torch.uint8)
+    nans = cpu_codes.quantize_codes(
+        _flat(x), np.float32(1.0) / np.float32(step), np.float32(0.0), np.float32(qmax),
+        np.int32(0), _flat(codes), _flat(inside),
+    )  # fmt: skip
+    if nans:
+        return fake_quant(x, step, 0, qmax), None
+    return _Dequantized.apply(x, codes, inside, step), codes
+
+
+class _IntegerConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_q, weight, codes, w_codes, out_scale, geometry, bound):  # type: ignore[no-untyped-def]
+        acc = exact_sums(codes, 0, w_codes, geometry, bound)
+        if not (acc.is_contiguous() or acc.is_contiguous(memory_format=torch.channels_last)):
+            acc = acc.contiguous()
+        # In the plain (N, C, H, W) order, whatever acc's is, by the output pass of the integer
+        # convolutions (a tiled transpose; torch's strided copy measured 2-3x slower here).
+        samples, channels, height, width = acc.shape
+        stride_n, stride_c, _, stride_w = acc.stride()
+        out = torch.empty(acc.shape)
+        cpu_codes.affine_output(
+            acc.as_strided((acc.numel(),), (1,)).numpy(), stride_n, stride_c, stride_w,
+            samples, height * width, False, *kernel_noise(None),
+            np.ones(channels, dtype=np.float32), np.float32(out_scale),
+            np.zeros(channels, dtype=np.float32), _flat(out),
+        )  # fmt: skip
+        ctx.save_for_backward(x_q, weight)
+        ctx.geometry = geometry
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        x_q, weight = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        stride, padding, dilation, groups = ctx.geometry.args
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad.contiguous(), x_q, weight, None, stride, padding, dilation, False, [0, 0],
+            groups, [need_x, need_w, False],
+        )  # fmt: skip
+        return grad_x, grad_w, None, None, None, None, None
+
+
+def integer_conv2d(
+    x_q: torch.Tensor,
+    codes: torch.Tensor,
+    weight: torch.Tensor,
+    w_codes: torch.Tensor,
+    *,
+    out_scale: float,
+    geometry: ConvGeometry,
+    bound: int,
+) -> torch.Tensor:
+    """``conv2d(x_q, weight)`` (no bias, zero padding) where ``x_q = codes * a`` and
+    ``weight = w_codes * b`` with ``a * b`` = ``out_scale`` up to float rounding: the forward
+    is ``exact_sums(codes, w_codes) * out_scale``, the backward ``conv2d(x_q, weight)``'s.
+    ``codes`` uint8 and ``w_codes`` int8 hold non-negative values; ``bound`` as in
+    ``exact_sums``."""
+    return _IntegerConv.apply(x_q, weight, codes, w_codes, out_scale, geometry, bound)

@@ -1,0 +1,203 @@
+"""sc's and analog's inject proxies on CPU: their sums as exact integer convolutions
+(approxctl.integer_conv), checked against float64 sums and against the float proxy's
+gradients, on the int8 path and on both fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import approxctl
+from approxctl import integer_conv
+from approxctl.backends import cpu_int8
+from approxctl.integer_conv import ConvGeometry, exact_sums, fake_quant_codes, integer_conv2d
+from approxctl.layers import ApproxConv2d
+from approxctl.proxy_ops import fake_quant
+
+# (batch, in, out, size, kernel, stride, padding, dilation, groups)
+GEOMETRIES = [
+    (4, 3, 8, 10, 3, 1, 1, 1, 1),
+    (2, 6, 6, 9, 3, 2, 1, 2, 3),
+    (3, 2, 16, 20, 5, 1, 2, 1, 1),
+    (2, 8, 8, 7, 3, 1, 0, 1, 8),  # depthwise, no padding
+    (2, 4, 5, 3, 3, 1, 0, 1, 1),  # a 1x1 output map
+]
+PATHS = ["int8", "float fallback"]
+
+
+def _path(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if name == "int8" and not cpu_int8.available():
+        pytest.skip("no exact oneDNN int8 convolution on this CPU (no VNNI)")
+    monkeypatch.setattr(cpu_int8, "available", lambda: name == "int8")
+
+
+def _geometry(g: tuple[int, ...]) -> ConvGeometry:
+    _, _, _, _, _, stride, pad, dil, groups = g
+    return ConvGeometry((stride, stride), (pad, pad), (dil, dil), groups)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_exact_sums_are_the_integer_sums(
+    geometry: tuple[int, ...], path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _path(path, monkeypatch)
+    n, c, o, size, k = geometry[:5]
+    gen = torch.Generator().manual_seed(sum(geometry))
+    codes = torch.randint(0, 256, (n, c, size, size), generator=gen, dtype=torch.uint8)
+    w_codes = torch.randint(0, 128, (o, c // geometry[8], k, k), generator=gen, dtype=torch.int8)
+    conv = _geometry(geometry)
+    got = exact_sums(codes, 0, w_codes, conv, bound=255 * 127 * w_codes[0].numel())
+    assert got.dtype == torch.float32
+    assert torch.equal(got, F.conv2d(codes.double(), w_codes.double(), None, *conv.args).float())
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_sums_past_2_24_are_rounded_once_on_every_path(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Analog's sums reach 255 x 127 x K: above 2^24 the float32 fallback would round every
+    partial sum, so it must switch to float64 and round once, as the int8 path does."""
+    _path(path, monkeypatch)
+    gen = torch.Generator().manual_seed(2)
+    codes = torch.randint(200, 256, (2, 64, 9, 9), generator=gen, dtype=torch.uint8)
+    w_codes = torch.randint(90, 128, (6, 64, 5, 5), generator=gen, dtype=torch.int8)
+    conv = ConvGeometry((1, 1), (2, 2), (1, 1), 1)
+    want = F.conv2d(codes.double(), w_codes.double(), None, *conv.args)
+    # sums of about 2^25, so a float32 convolution rounds several partial sums (this case
+    # measured 180 of 972 outputs off in float32)
+    assert float(want.max()) > 2**25 and not torch.equal(want.float().double(), want)
+    got = exact_sums(codes, 0, w_codes, conv, bound=255 * 127 * 1600)
+    assert torch.equal(got, want.float())
+
+
+def test_fake_quant_codes_are_fake_quant_bit_for_bit() -> None:
+    step, qmax = 0.03, 32
+    x = torch.cat([torch.randn(3000) * 0.6, torch.tensor([0.015, 0.045, -0.01, 0.96, 0.975, 9.0])])
+    xa = x.view(2, 3, 1, 501).clone().requires_grad_()
+    xb = x.view(2, 3, 1, 501).clone().requires_grad_()
+    got, codes = fake_quant_codes(xa, step, qmax)
+    want = fake_quant(xb, step, 0, qmax)
+    assert codes is not None and codes.dtype == torch.uint8
+    assert torch.equal(got, want)
+    assert torch.equal(codes.float() * torch.tensor(step), want)
+    grad = torch.randn_like(want)
+    got.backward(grad)
+    want.backward(grad)
+    assert torch.equal(xa.grad, xb.grad)  # the straight-through mask: zero outside [0, qmax]
+    assert bool((xa.grad == 0).any()) and bool((xa.grad != 0).any())
+
+    x[5] = float("nan")
+    got, codes = fake_quant_codes(x.view(1, 1, 2, -1), step, qmax)
+    assert codes is None and bool(torch.isnan(got).any())  # the caller accumulates in float
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_integer_conv_has_exact_sums_and_the_float_convs_gradients(
+    geometry: tuple[int, ...], path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _path(path, monkeypatch)
+    n, c, o, size, k = geometry[:5]
+    gen = torch.Generator().manual_seed(len(geometry) + size)
+    length, step = 32, 0.037  # sc's operands: stream probabilities times weight codes
+    x = torch.rand(n, c, size, size, generator=gen) * 1.3  # some beyond 1: clamped
+    w_codes = torch.randint(0, length + 1, (o, c // geometry[8], k, k), generator=gen)
+    unit = 1.0 / (length**2 * step)
+    conv = _geometry(geometry)
+
+    xa, wa = x.clone().requires_grad_(), w_codes.float().requires_grad_()
+    x_q, codes = fake_quant_codes(xa, step, length)
+    assert codes is not None
+    out = integer_conv2d(
+        x_q, codes, wa * unit, w_codes.to(torch.int8), out_scale=1.0 / length**2,
+        geometry=conv, bound=length**2 * w_codes[0].numel(),
+    )  # fmt: skip
+    xb, wb = x.clone().requires_grad_(), w_codes.float().requires_grad_()
+    proxy = F.conv2d(fake_quant(xb, step, 0, length), wb * unit, None, *conv.args)
+
+    ints = torch.clamp(torch.round(x / step), 0, length).double()
+    acc = F.conv2d(ints, w_codes.double(), None, *conv.args)
+    assert out.is_contiguous()
+    assert torch.equal(out, (acc / length**2).float())
+    assert torch.allclose(out, proxy, rtol=1e-5, atol=1e-5)  # the float proxy, up to rounding
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    proxy.backward(grad)
+    assert torch.equal(xa.grad, xb.grad)
+    assert torch.equal(wa.grad, wb.grad)
+
+
+def _layer(
+    target: str, in_channels: int, signed: bool, **options: object
+) -> tuple[ApproxConv2d, torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(in_channels, 8, 5, padding=2))
+    x = torch.randn(4, in_channels, 10, 10)
+    x = x if signed else x.abs()
+    model = approxctl.convert(model, target, example_inputs=x, **options)
+    approxctl.fit_error_model(model, [x])
+    layer = model[0]
+    assert isinstance(layer, ApproxConv2d)
+    return layer, x
+
+
+@pytest.mark.parametrize("target", ["sc", "analog"])
+@pytest.mark.parametrize("signed", [False, True])
+def test_inject_uses_integer_sums_and_keeps_the_float_proxys_values(
+    target: str, signed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layer, x = _layer(target, 4, signed)  # K = 4 x 5 x 5 = 100
+    calls = []
+    real = integer_conv.exact_sums
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(integer_conv, "exact_sums", counted)
+    outs, grads = [], []
+    for integer in (True, False):
+        monkeypatch.setattr(ApproxConv2d, "integer_sums", lambda self, x, on=integer: on)
+        layer.set_mode("inject")
+        layer.zero_grad()
+        torch.manual_seed(3)  # the same error draws
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        out.backward(torch.ones_like(out))
+        outs.append(out.detach())
+        grads.append((xi.grad, layer.weight.grad.clone()))
+        if integer:
+            assert len(calls) == (4 if signed and target == "analog" else 2)
+    assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+    assert not torch.equal(outs[0], layer.float_forward(x))  # an error was injected
+    for a, b in zip(grads[0], grads[1], strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_integer_sums_only_in_inject_mode_and_on_wide_reductions() -> None:
+    wide, x = _layer("sc", 4, False)  # K = 100
+    narrow, x1 = _layer("sc", 1, False)  # K = 25: bound by memory, the float path is faster
+    wide.set_mode("inject")
+    narrow.set_mode("inject")
+    assert wide.integer_sums(x) and not narrow.integer_sums(x1)
+    assert not wide.integer_sums(x.double())  # float32 on CPU only
+    wide.set_mode("exact")
+    assert not wide.integer_sums(x)
+
+
+@pytest.mark.parametrize(("length", "integer"), [(64, True), (128, False), (256, False)])
+def test_sc_streams_longer_than_int8_weights_take_the_float_path(
+    length: int, integer: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layer, x = _layer("sc", 4, True, length=length)
+    calls = []
+    monkeypatch.setattr(integer_conv, "integer_conv2d", lambda *a, **k: calls.append(1) or 0)
+    monkeypatch.setattr(integer_conv, "exact_sums", lambda *a, **k: calls.append(1) or 0)
+    layer.set_mode("inject")
+    q = layer.target.quantize(layer, x)
+    assert ("a_codes" in q and "a_neg_codes" in q) == integer
+    if not integer:
+        out = layer(x)
+        assert out.shape == (4, 8, 10, 10) and bool(torch.isfinite(out).all()) and not calls
