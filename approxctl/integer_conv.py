@@ -38,8 +38,9 @@ except ImportError:  # numba missing: callers check ``usable`` first
 # Layers with fewer products per output (a first layer's 5x5 window on one channel: 25;
 # depthwise convs) are bound by memory, not by multiply-adds: there the integer path's extra
 # passes (the codes, the sums' transpose) cost more than its cheaper multiply-adds save. TinyConv
-# at batch 128, sc and analog inject: the first layer (K = 25) on this path measured 3-8% slower
-# per step, the others (K = 800) 5-8% faster (docs/benchmarks.md).
+# at batch 128, sc and analog inject: with the first layer (K = 25) on this path too the step
+# measured 3% (sc) and 7% (analog) slower than without; the other layers (K = 800) on it made
+# the step 8% faster (docs/design.md, "Proxies").
 MIN_REDUCTION = 64
 _FLOAT32_EXACT = 1 << 24  # integers up to this magnitude, and sums of them, are exact in float32
 
@@ -99,6 +100,8 @@ class _Dequantized(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def]
         (inside,) = ctx.saved_tensors
+        if grad.dtype != torch.float32:  # e.g. under autocast: no kernel for it, same result
+            return grad * inside, None, None, None
         out = torch.empty(grad.shape)
         cpu_pointwise.masked_grad(_flat(grad.contiguous()), _flat(inside), _flat(out))
         return out, None, None, None
@@ -150,8 +153,8 @@ class _IntegerConv(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         stride, padding, dilation, groups = ctx.geometry.args
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad.contiguous(), x_q, weight, None, stride, padding, dilation, False, [0, 0],
-            groups, [need_x, need_w, False],
+            grad.to(x_q.dtype).contiguous(), x_q, weight, None, stride, padding, dilation,
+            False, [0, 0], groups, [need_x, need_w, False],
         )  # fmt: skip
         return grad_x, grad_w, None, None, None, None, None
 
@@ -169,6 +172,5 @@ def integer_conv2d(
     """``conv2d(x_q, weight)`` (no bias, zero padding) where ``x_q = codes * a`` and
     ``weight = w_codes * b`` with ``a * b`` = ``out_scale`` up to float rounding: the forward
     is ``exact_sums(codes, w_codes) * out_scale``, the backward ``conv2d(x_q, weight)``'s.
-    ``codes`` uint8 and ``w_codes`` int8 hold non-negative values; ``bound`` as in
-    ``exact_sums``."""
+    ``codes`` uint8, ``w_codes`` int8; ``bound`` as in ``exact_sums``."""
     return _IntegerConv.apply(x_q, weight, codes, w_codes, out_scale, geometry, bound)

@@ -1,14 +1,21 @@
-"""Where approx-mult's inject step goes: float, the float-proxy path, the fused int8 path, and
-the fused path without its error draw, timed round-robin in one process.
+"""Where an inject step goes: float, inject mode's paths, and (approx-mult) inject without its
+error draw, timed round-robin in one process.
 
-    python benchmarks/am_inject_parts.py [--model tinyconv] [--batch-size 128] [--rounds 15]
+    python benchmarks/inject_parts.py [--target am] [--model tinyconv] [--batch-size 128]
+                                      [--rounds 15]
 
 Each round runs every configuration for 2 warm-up and 3 timed training steps (forward,
 cross-entropy, backward, SGD) on one Fashion-MNIST batch; the table gives each configuration's
-median step and the median (first-third quartile) of its per-round ratio to float's. "float proxy"
-turns the fused path off (``ApproxMultTarget.fused_inject`` returning None: the float32 proxy
-convolution and the separate in-place draw), "no draw" passes no error model to the fused path:
-a lower bound, not a mode. The results of record are in docs/benchmarks.md.
+median step and the median (first-third quartile) of its per-round ratio to float's.
+
+* approx-mult: "float proxy" turns the fused path off (``ApproxMultTarget.fused_inject``
+  returning None: the float32 proxy convolution and the separate in-place draw); "fused" is the
+  exact int8 convolution with the draw in its output pass; "fused, no draw" passes it no error
+  model: a lower bound, not a mode.
+* sc, analog: "float proxy" turns the integer sums off (``ApproxConv2d.integer_sums`` returning
+  False: the two float32 convolutions per layer); "integer sums" is inject mode as shipped.
+
+The results of record are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -23,16 +30,31 @@ import torch
 import torch.nn.functional as F
 
 from approxctl import calibrate, convert, fit_error_model, set_mode
+from approxctl.layers import ApproxConv2d
 from approxctl.models import BUILTIN_MODELS
 from approxctl.pipeline import DataOptions
 from approxctl.runtime import keep_freed_memory
 from approxctl.targets.approx_mult import ApproxMultTarget
 
-CONFIGS = ("float", "float proxy", "fused", "fused, no draw")
+
+def variants(target: str) -> tuple[Any, str, dict[str, Callable[..., Any]]]:
+    """(the patched class, its attribute, configuration name -> replacement) for a target."""
+    if target == "am":
+        fused = ApproxMultTarget.fused_inject
+        return ApproxMultTarget, "fused_inject", {
+            "float proxy": lambda self, layer, inputs, noise: None,
+            "fused": fused,
+            "fused, no draw": lambda self, layer, inputs, noise: fused(self, layer, inputs, None),
+        }  # fmt: skip
+    return ApproxConv2d, "integer_sums", {
+        "float proxy": lambda self, x: False,
+        "integer sums": ApproxConv2d.integer_sums,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--target", default="am", choices=["am", "sc", "analog"])
     parser.add_argument("--model", default="tinyconv", choices=sorted(BUILTIN_MODELS))
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=15)
@@ -41,31 +63,27 @@ def main() -> None:
     torch.manual_seed(0)
     x, y = next(iter(DataOptions(batch_size=args.batch_size).load().train))
     model = BUILTIN_MODELS[args.model](in_channels=1, num_classes=10, image_size=32)
-    model = convert(model, "am")
+    model = convert(model, args.target)
     calibrate(model, [x])
     fit_error_model(model, [x])
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-
-    fused = ApproxMultTarget.fused_inject
-    variants: dict[str, Callable[..., Any]] = {
-        "float proxy": lambda self, layer, inputs, noise: None,
-        "fused": fused,
-        "fused, no draw": lambda self, layer, inputs, noise: fused(self, layer, inputs, None),
-    }
+    owner, attribute, patches = variants(args.target)
+    original = getattr(owner, attribute)
+    configs = ["float", *patches]
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
 
-    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    times: dict[str, list[float]] = {name: [] for name in configs}
     try:
         for _ in range(args.rounds):
-            for name in CONFIGS:
+            for name in configs:
                 set_mode(model, "float" if name == "float" else "inject")
-                if name in variants:
-                    ApproxMultTarget.fused_inject = variants[name]  # type: ignore[method-assign]
+                if name in patches:
+                    setattr(owner, attribute, patches[name])
                 step()
                 step()
                 start = time.perf_counter()
@@ -73,11 +91,11 @@ def main() -> None:
                     step()
                 times[name].append((time.perf_counter() - start) / 3)
     finally:
-        ApproxMultTarget.fused_inject = fused  # type: ignore[method-assign]
-    print(f"{args.model}, batch {args.batch_size}, {args.rounds} rounds")
+        setattr(owner, attribute, original)
+    print(f"{args.model}, {args.target}, batch {args.batch_size}, {args.rounds} rounds")
     print("| configuration | ms per step | ratio to float (per-round quartiles) |")
     print("|---|---|---|")
-    for name in CONFIGS:
+    for name in configs:
         ratios = [t / f for t, f in zip(times[name], times["float"], strict=True)]
         q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
         ms = statistics.median(times[name]) * 1e3
