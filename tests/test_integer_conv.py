@@ -130,10 +130,12 @@ def test_integer_conv_has_exact_sums_and_the_float_convs_gradients(
 
 
 def _layer(
-    target: str, in_channels: int, signed: bool, **options: object
-) -> tuple[ApproxConv2d, torch.Tensor]:
+    target: str, in_channels: int, signed: bool, groups: int = 1, stride: int = 1,
+    **options: object,
+) -> tuple[ApproxConv2d, torch.Tensor]:  # fmt: skip
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(in_channels, 8, 5, padding=2))
+    conv = torch.nn.Conv2d(in_channels, 8, 5, stride=stride, padding=2, groups=groups)
+    model = torch.nn.Sequential(conv)
     x = torch.randn(4, in_channels, 10, 10)
     x = x if signed else x.abs()
     model = approxctl.convert(model, target, example_inputs=x, **options)
@@ -145,10 +147,12 @@ def _layer(
 
 @pytest.mark.parametrize("target", ["sc", "analog"])
 @pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize(("channels", "groups", "stride"), [(4, 1, 1), (8, 2, 2)])
 def test_inject_uses_integer_sums_and_keeps_the_float_proxys_values(
-    target: str, signed: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    layer, x = _layer(target, 4, signed)  # K = 4 x 5 x 5 = 100
+    target: str, signed: bool, channels: int, groups: int, stride: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    layer, x = _layer(target, channels, signed, groups, stride)  # K = 4 x 5 x 5 = 100
     calls = []
     real = integer_conv.exact_sums
 
