@@ -40,7 +40,8 @@ except ImportError:  # numba missing: callers check ``usable`` first
 # passes (the codes, the sums' transpose) cost more than its cheaper multiply-adds save. TinyConv
 # at batch 128, sc and analog inject: with the first layer (K = 25) on this path too the step
 # measured 3% (sc) and 7% (analog) slower than without; the other layers (K = 800) on it made
-# the step 8% faster (docs/design.md, "Proxies").
+# the step 8% faster (docs/design.md, "Proxies"). approx-mult's fused path
+# (``approxctl.quantized_conv``) follows the same rule: 1-3% faster steps without the first layer.
 MIN_REDUCTION = 64
 _FLOAT32_EXACT = 1 << 24  # integers up to this magnitude, and sums of them, are exact in float32
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from approxctl import luts, quantized_conv
+from approxctl import integer_conv, luts, quantized_conv
 from approxctl.backends import registry
 from approxctl.noise import NoiseSpec
 from approxctl.proxy_ops import fake_quant
@@ -85,10 +85,14 @@ class ApproxMultTarget(Target):
         self, layer: ApproxLayer, x: torch.Tensor, noise: NoiseSpec
     ) -> torch.Tensor | None:
         """Convolutions on CPU: the accumulation as an exact integer convolution, the error
-        drawn in the pass that writes the output (``approxctl.quantized_conv``)."""
+        drawn in the pass that writes the output (``approxctl.quantized_conv``). Not for
+        layers with few products per output, which are bound by memory
+        (``integer_conv.MIN_REDUCTION``)."""
         if not (
             isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros"
-            and not isinstance(layer.padding, str) and quantized_conv.usable(x, self.qmax)
+            and not isinstance(layer.padding, str)
+            and layer.reduction_size >= integer_conv.MIN_REDUCTION
+            and quantized_conv.usable(x, self.qmax)
         ):  # fmt: skip
             return None
         w, w_scale = self.quantize_weight(layer)
