@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from approxctl.backends import cpu_int8
-from approxctl.noise import cpu_pointwise, use_kernels
-from approxctl.proxy_ops import fake_quant, kernel_noise
+from approxctl.noise import use_kernels
+from approxctl.proxy_ops import fake_quant, kernel_noise, masked_gradient
 
 try:
     from approxctl.backends import cpu_codes
@@ -101,11 +101,7 @@ class _Dequantized(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def]
         (inside,) = ctx.saved_tensors
-        if grad.dtype != torch.float32:  # e.g. under autocast: no kernel for it, same result
-            return grad * inside, None, None, None
-        out = torch.empty(grad.shape)
-        cpu_pointwise.masked_grad(_flat(grad.contiguous()), _flat(inside), _flat(out))
-        return out, None, None, None
+        return masked_gradient(grad, inside), None, None, None
 
 
 def fake_quant_codes(

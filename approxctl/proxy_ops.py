@@ -247,12 +247,18 @@ class _FakeQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def]
         (inside,) = ctx.saved_tensors
-        if grad.dtype != torch.float32:
-            return grad * inside, None, None, None
-        grad = grad.contiguous()
-        out = torch.empty_like(grad)
-        cpu_pointwise.masked_grad(_flat(grad), _flat(inside), _flat(out))
-        return out, None, None, None
+        return masked_gradient(grad, inside), None, None, None
+
+
+def masked_gradient(grad: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """``grad`` where ``inside`` (uint8) is set, else 0: the straight-through gradient of a
+    quantization, in one numba pass for float32 (a torch multiply for other dtypes)."""
+    if grad.dtype != torch.float32:
+        return grad * inside
+    grad = grad.contiguous()
+    out = torch.empty_like(grad)
+    cpu_pointwise.masked_grad(_flat(grad), _flat(inside), _flat(out))
+    return out
 
 
 def fake_quant(x: torch.Tensor, step: float, qmin: int, qmax: int) -> torch.Tensor:

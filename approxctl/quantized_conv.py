@@ -23,9 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from approxctl import integer_conv
 from approxctl.integer_conv import ConvGeometry, exact_sums
-from approxctl.noise import NoiseSpec, cpu_pointwise, use_kernels
-from approxctl.proxy_ops import kernel_noise
+from approxctl.noise import NoiseSpec, cpu_pointwise
+from approxctl.proxy_ops import kernel_noise, masked_gradient
 
 try:
     from approxctl.backends import cpu_codes
@@ -36,7 +37,7 @@ except ImportError:  # numba missing: callers check ``usable`` first
 def usable(x: torch.Tensor, qmax: int) -> bool:
     """Whether ``quantized_conv2d`` serves this input: CPU float32 (N, C, H, W), the numba
     kernels present, and codes that fit 8 bits (|q| <= 127)."""
-    return cpu_codes is not None and x.dim() == 4 and use_kernels(x) and qmax <= 127
+    return integer_conv.usable(x) and qmax <= 127
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
@@ -105,9 +106,7 @@ class _QuantizedConv(torch.autograd.Function):
             stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, need_b],
         )  # fmt: skip
         if need_x:  # the straight-through gradient of the input's quantization
-            masked = torch.empty_like(grad_x)
-            cpu_pointwise.masked_grad(_flat(grad_x.contiguous()), _flat(inside), _flat(masked))
-            grad_x = masked
+            grad_x = masked_gradient(grad_x, inside)
         if need_w:  # w_q * w_scale's backward, as autograd computes it
             grad_w = grad_w * w_scale
         return grad_x, grad_w, None, grad_b if need_b else None, None, None, None, None, None
