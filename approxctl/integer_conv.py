@@ -11,11 +11,10 @@ Values: ``float32(sum_k codes_k * w_codes_k) * out_scale``, the exact integer su
 float32 (it is already exact below 2^24, which covers every sc layer up to K = 16384). Where the
 int8 convolution is unavailable the same values come from a float32 convolution of the integer
 codes while the sums provably stay below 2^24, else from a float64 one (exact), so results do
-not depend on the CPU.
+not depend on the CPU (``exact_sums`` says how it proves it).
 
-Gradients: those of ``conv2d(x_q, weight)`` on the fake-quantized float operands, from the same
-``convolution_backward`` call that autograd makes for the float proxy, so the backward costs
-what it did and is the float proxy's up to the rounding of the forward sums it sees.
+Gradients: the float accumulations' (``approxctl.sign_pair`` takes these sums as its forward
+values), so the backward is what it is for the float proxy.
 """
 
 from __future__ import annotations
@@ -73,14 +72,37 @@ def exact_sums(
     """``conv2d(codes - zero_point, w_codes)`` as float32 values of the exact integer sums
     (rounded once, to nearest even, where they exceed 2^24). ``codes`` uint8 (N, C, H, W),
     ``w_codes`` int8 (O, C / groups, kh, kw); ``bound`` >= every |sum| of |products|, which
-    decides whether the float32 fallback is exact. The result may be channels-last."""
+    decides whether the float32 fallback is exact. The result may be channels-last.
+
+    Without the int8 convolution, sums that may pass 2^24 still run in float32 first when every
+    product is non-negative (no zero point, weight codes >= 0: sc's and analog's per-sign
+    sums): every partial sum that a direct or GEMM convolution (torch's on CPU) adds up then
+    lies between 0 and the total, and float rounding is monotone, so a float32 total below 2^24
+    proves that no partial sum was rounded. Only a result at or above 2^24 is computed again in
+    float64 (analog's K = 800 layers bound their sums at 2.6e7, but trained models' reach about
+    1e6).
+    """
     if cpu_int8.available():
         return cpu_int8.conv2d(codes, zero_point, w_codes, *geometry.args)
-    dtype = torch.float32 if bound < _FLOAT32_EXACT else torch.float64
+    nonnegative = zero_point == 0 and int(w_codes.min()) >= 0
+    if bound < _FLOAT32_EXACT or nonnegative:
+        sums = _conv_of_ints(codes, zero_point, w_codes, geometry, torch.float32)
+        if bound < _FLOAT32_EXACT or float(sums.max()) < _FLOAT32_EXACT:
+            return sums
+    return _conv_of_ints(codes, zero_point, w_codes, geometry, torch.float64).to(torch.float32)
+
+
+def _conv_of_ints(
+    codes: torch.Tensor,
+    zero_point: int,
+    w_codes: torch.Tensor,
+    geometry: ConvGeometry,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     ints = codes.to(dtype)
     if zero_point:
         ints.sub_(zero_point)
-    return F.conv2d(ints, w_codes.to(dtype), None, *geometry.args).to(torch.float32)
+    return F.conv2d(ints, w_codes.to(dtype), None, *geometry.args)
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
@@ -123,51 +145,48 @@ def fake_quant_codes(
     return _Dequantized.apply(x, codes, inside, step), codes
 
 
-class _IntegerConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_q, weight, codes, w_codes, out_scale, geometry, bound):  # type: ignore[no-untyped-def]
-        acc = exact_sums(codes, 0, w_codes, geometry, bound)
-        if not (acc.is_contiguous() or acc.is_contiguous(memory_format=torch.channels_last)):
-            acc = acc.contiguous()
-        # In the plain (N, C, H, W) order, whatever acc's is, by the output pass of the integer
-        # convolutions (a tiled transpose; torch's strided copy measured 2-3x slower here).
-        samples, channels, height, width = acc.shape
-        stride_n, stride_c, _, stride_w = acc.stride()
-        out = torch.empty(acc.shape)
-        cpu_codes.affine_output(
-            acc.as_strided((acc.numel(),), (1,)).numpy(), stride_n, stride_c, stride_w,
-            samples, height * width, False, *kernel_noise(None),
-            np.ones(channels, dtype=np.float32), np.float32(out_scale),
-            np.zeros(channels, dtype=np.float32), _flat(out),
-        )  # fmt: skip
-        ctx.save_for_backward(x_q, weight)
-        ctx.geometry = geometry
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[no-untyped-def]
-        x_q, weight = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[:2]
-        stride, padding, dilation, groups = ctx.geometry.args
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad.to(x_q.dtype).contiguous(), x_q, weight, None, stride, padding, dilation,
-            False, [0, 0], groups, [need_x, need_w, False],
-        )  # fmt: skip
-        return grad_x, grad_w, None, None, None, None, None
-
-
-def integer_conv2d(
-    x_q: torch.Tensor,
+def integer_sums_nchw(
     codes: torch.Tensor,
-    weight: torch.Tensor,
     w_codes: torch.Tensor,
-    *,
     out_scale: float,
     geometry: ConvGeometry,
     bound: int,
 ) -> torch.Tensor:
-    """``conv2d(x_q, weight)`` (no bias, zero padding) where ``x_q = codes * a`` and
-    ``weight = w_codes * b`` with ``a * b`` = ``out_scale`` up to float rounding: the forward
-    is ``exact_sums(codes, w_codes) * out_scale``, the backward ``conv2d(x_q, weight)``'s.
-    ``codes`` uint8, ``w_codes`` int8; ``bound`` as in ``exact_sums``."""
-    return _IntegerConv.apply(x_q, weight, codes, w_codes, out_scale, geometry, bound)
+    """``exact_sums(codes, 0, w_codes) * out_scale`` as a contiguous (N, C, H, W) float32
+    tensor, whatever memory order the convolution wrote."""
+    acc = exact_sums(codes, 0, w_codes, geometry, bound)
+    if not (acc.is_contiguous() or acc.is_contiguous(memory_format=torch.channels_last)):
+        acc = acc.contiguous()
+    # By the output pass of the integer convolutions (a tiled transpose; torch's strided copy
+    # measured 2-3x slower here).
+    samples, channels, height, width = acc.shape
+    stride_n, stride_c, _, stride_w = acc.stride()
+    out = torch.empty(acc.shape)
+    cpu_codes.affine_output(
+        acc.as_strided((acc.numel(),), (1,)).numpy(), stride_n, stride_c, stride_w,
+        samples, height * width, False, *kernel_noise(None),
+        np.ones(channels, dtype=np.float32), np.float32(out_scale),
+        np.zeros(channels, dtype=np.float32), _flat(out),
+    )  # fmt: skip
+    return out
+
+
+@dataclass(frozen=True)
+class PairCodes:
+    """The integer operands of a positive- and a negative-weight accumulation of one input:
+    ``x`` uint8 codes, ``w_pos`` / ``w_neg`` int8 codes (both >= 0), ``bound`` as in
+    ``exact_sums``; ``out_scale`` = the float operands over their codes (x / x codes * w / w
+    codes), so the sums times it are the float accumulations up to rounding."""
+
+    x: torch.Tensor
+    w_pos: torch.Tensor
+    w_neg: torch.Tensor
+    out_scale: float
+    bound: int
+
+    def sums(self, geometry: ConvGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both accumulations' values, as ``integer_sums_nchw``."""
+        return (
+            integer_sums_nchw(self.x, self.w_pos, self.out_scale, geometry, self.bound),
+            integer_sums_nchw(self.x, self.w_neg, self.out_scale, geometry, self.bound),
+        )

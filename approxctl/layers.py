@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from approxctl import integer_conv
+from approxctl import integer_conv, sign_pair
 from approxctl.error_models import ErrorModel, make_error_model
 from approxctl.errors import ApproxError
 from approxctl.noise import ChannelLayout
@@ -188,20 +188,26 @@ class ApproxLayer(nn.Module):
 
     def integer_sums(self, x: torch.Tensor) -> bool:
         """Whether the proxy accumulates input ``x``'s quantized operands as exact integer
-        convolutions (``integer_accumulate``): in inject mode, for convolutions on CPU. Exact
-        mode keeps the float proxy: there it only shapes the gradient, and its cost is small
-        beside the emulation's."""
+        convolutions (``accumulate_pair`` with codes): in inject mode, for convolutions on
+        CPU. Exact mode keeps the float proxy: there it only shapes the gradient, and its cost
+        is small beside the emulation's."""
         return False
 
-    def integer_accumulate(
+    def accumulate_pair(
         self,
-        terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
-        out_scale: float,
-        max_product: int,
-    ) -> torch.Tensor:
-        """``accumulate_terms`` of (x_q, w) pairs given with their integer codes, as
-        (x_q, x_codes, w, w_codes), the sums computed exactly (``approxctl.integer_conv``):
-        ``out_scale`` = x_q / x_codes * w / w_codes; ``max_product`` bounds |x_code * w_code|."""
+        x: torch.Tensor,
+        w_pos: torch.Tensor,
+        w_neg: torch.Tensor,
+        codes: integer_conv.PairCodes | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(accumulate(x, w_pos), accumulate(x, w_neg))``, whose gradients are usually each
+        other's negation (``approxctl.sign_pair``: one dense backward then, on CPU). ``codes``:
+        the operands' integer codes where ``integer_sums`` holds, for exact sums."""
+        return self.accumulate(x, w_pos), self.accumulate(x, w_neg)
+
+    def group_concat(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        """Inputs concatenated along the reduction within each group, the order in which
+        weights concatenated along dim 1 see them."""
         raise NotImplementedError
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
@@ -324,22 +330,24 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
             and self.reduction_size >= integer_conv.MIN_REDUCTION and integer_conv.usable(x)
         )  # fmt: skip
 
-    def integer_accumulate(
+    def accumulate_pair(
         self,
-        terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
-        out_scale: float,
-        max_product: int,
-    ) -> torch.Tensor:
-        # Concatenated as accumulate_terms concatenates: inputs and weights within each group.
-        x_q = self.group_concat([t[0] for t in terms])
-        codes = self.group_concat([t[1] for t in terms])
-        weight = torch.cat([t[2] for t in terms], 1)
-        w_codes = torch.cat([t[3] for t in terms], 1)
-        bound = max_product * weight[0].numel()
-        return integer_conv.integer_conv2d(
-            x_q, codes, weight, w_codes, out_scale=out_scale, geometry=self.zero_padded_geometry(),
-            bound=bound,
+        x: torch.Tensor,
+        w_pos: torch.Tensor,
+        w_neg: torch.Tensor,
+        codes: integer_conv.PairCodes | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if codes is not None:  # integer_sums held: numba present, zero padding as numbers
+            geometry = self.zero_padded_geometry()
+            return sign_pair.sign_pair(x, w_pos, w_neg, geometry, lambda: codes.sums(geometry))
+        if not sign_pair.usable(x, w_pos, w_neg):
+            return super().accumulate_pair(x, w_pos, w_neg)
+        x, pad = self._explicit_pad(x)
+        geometry = integer_conv.ConvGeometry(
+            stride=tuple(self.stride), padding=pad,  # type: ignore[arg-type]
+            dilation=tuple(self.dilation), groups=self.groups,
         )  # fmt: skip
+        return sign_pair.sign_pair(x, w_pos, w_neg, geometry)
 
     def zero_padded_geometry(self) -> integer_conv.ConvGeometry:
         """The conv's arguments, for a layer with zero padding given as numbers."""
@@ -424,6 +432,20 @@ class ApproxLinear(ApproxLayer, nn.Linear):
         self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         return F.linear(x, w, bias)
+
+    def accumulate_pair(
+        self,
+        x: torch.Tensor,
+        w_pos: torch.Tensor,
+        w_neg: torch.Tensor,
+        codes: integer_conv.PairCodes | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if sign_pair.usable(x, w_pos, w_neg):
+            return sign_pair.sign_pair(x, w_pos, w_neg, None)
+        return super().accumulate_pair(x, w_pos, w_neg)
+
+    def group_concat(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        return xs[0] if len(xs) == 1 else torch.cat(xs, -1)
 
     def accumulate_terms(self, terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         if len(terms) == 1:

@@ -2,7 +2,7 @@
 error draw, timed round-robin in one process.
 
     python benchmarks/inject_parts.py [--target am] [--model tinyconv] [--batch-size 128]
-                                      [--rounds 15]
+                                      [--rounds 15] [--weights FLOAT.safetensors]
 
 Each round runs every configuration for 2 warm-up and 3 timed training steps (forward,
 cross-entropy, backward, SGD) on one Fashion-MNIST batch; the table gives each configuration's
@@ -14,6 +14,9 @@ median step and the median (first-third quartile) of its per-round ratio to floa
   model: a lower bound, not a mode.
 * sc, analog: "float proxy" turns the integer sums off (``ApproxConv2d.integer_sums`` returning
   False: the two float32 convolutions per layer); "integer sums" is inject mode as shipped.
+* analog also: "old backward" makes ``approxctl.sign_pair`` find too many nonzeros in g+ + g-
+  every time and never use the patches' GEMM, so its backward runs the two dense
+  ``convolution_backward`` passes per input that two separate accumulations ran before it.
 
 The results of record are in docs/benchmarks.md.
 """
@@ -26,30 +29,44 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from approxctl import calibrate, convert, fit_error_model, set_mode
+from approxctl import calibrate, convert, fit_error_model, set_mode, sign_pair
+from approxctl.backends import cpu_sparse_grad
 from approxctl.layers import ApproxConv2d
 from approxctl.models import BUILTIN_MODELS
 from approxctl.pipeline import DataOptions
 from approxctl.runtime import keep_freed_memory
+from approxctl.sources import load_weights_into
 from approxctl.targets.approx_mult import ApproxMultTarget
 
+Patch = tuple[Any, str, Callable[..., Any]]  # (owner, attribute, replacement)
 
-def variants(target: str) -> tuple[Any, str, dict[str, Callable[..., Any]]]:
-    """(the patched class, its attribute, configuration name -> replacement) for a target."""
+
+def variants(target: str) -> dict[str, list[Patch]]:
+    """Configuration name -> the patches that make it (none: inject mode as shipped)."""
     if target == "am":
         fused = ApproxMultTarget.fused_inject
-        return ApproxMultTarget, "fused_inject", {
-            "float proxy": lambda self, layer, inputs, noise: None,
-            "fused": fused,
-            "fused, no draw": lambda self, layer, inputs, noise: fused(self, layer, inputs, None),
-        }  # fmt: skip
-    return ApproxConv2d, "integer_sums", {
-        "float proxy": lambda self, x: False,
-        "integer sums": ApproxConv2d.integer_sums,
-    }
+
+        def no_draw(self: Any, layer: Any, x: torch.Tensor, noise: Any) -> Any:
+            return fused(self, layer, x, None)
+
+        return {
+            "float proxy": [(ApproxMultTarget, "fused_inject", lambda *args: None)],
+            "fused": [],
+            "fused, no draw": [(ApproxMultTarget, "fused_inject", no_draw)],
+        }
+    float_proxy: list[Patch] = [(ApproxConv2d, "integer_sums", lambda self, x: False)]
+    configs = {"float proxy": float_proxy, "integer sums": []}
+    if target == "analog":  # the backward before approxctl.sign_pair (2026-12-06)
+        before: list[Patch] = [
+            (cpu_sparse_grad, "nonzero_sums", lambda *args: -1),
+            (sign_pair._DenseBackward, "by_patches", lambda self, weight: False),
+        ]
+        configs = {"float proxy": float_proxy, "integer sums, old backward": before, **configs}
+    return configs
 
 
 def main() -> None:
@@ -58,18 +75,25 @@ def main() -> None:
     parser.add_argument("--model", default="tinyconv", choices=sorted(BUILTIN_MODELS))
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument(
+        "--weights", help="float weights (.safetensors) to start from; default: random init"
+    )
     args = parser.parse_args()
     keep_freed_memory()
     torch.manual_seed(0)
     x, y = next(iter(DataOptions(batch_size=args.batch_size).load().train))
     model = BUILTIN_MODELS[args.model](in_channels=1, num_classes=10, image_size=32)
+    if args.weights:  # trained weights: analog's saturation, hence its backward, depends on them
+        load_weights_into(model, safetensors.torch.load_file(args.weights), args.weights)
     model = convert(model, args.target)
     calibrate(model, [x])
     fit_error_model(model, [x])
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    owner, attribute, patches = variants(args.target)
-    original = getattr(owner, attribute)
+    patches = variants(args.target)
+    originals = {
+        (owner, name): getattr(owner, name) for p in patches.values() for owner, name, _ in p
+    }
     configs = ["float", *patches]
 
     def step() -> None:
@@ -82,8 +106,10 @@ def main() -> None:
         for _ in range(args.rounds):
             for name in configs:
                 set_mode(model, "float" if name == "float" else "inject")
-                if name in patches:
-                    setattr(owner, attribute, patches[name])
+                for (owner, attribute), original in originals.items():
+                    setattr(owner, attribute, original)
+                for owner, attribute, replacement in patches.get(name, []):
+                    setattr(owner, attribute, replacement)
                 step()
                 step()
                 start = time.perf_counter()
@@ -91,7 +117,8 @@ def main() -> None:
                     step()
                 times[name].append((time.perf_counter() - start) / 3)
     finally:
-        setattr(owner, attribute, original)
+        for (owner, attribute), original in originals.items():
+            setattr(owner, attribute, original)
     print(f"{args.model}, {args.target}, batch {args.batch_size}, {args.rounds} rounds")
     print("| configuration | ms per step | ratio to float (per-round quartiles) |")
     print("|---|---|---|")

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 import approxctl
 from approxctl import integer_conv
 from approxctl.backends import cpu_int8
-from approxctl.integer_conv import ConvGeometry, exact_sums, fake_quant_codes, integer_conv2d
+from approxctl.integer_conv import ConvGeometry, PairCodes, exact_sums, fake_quant_codes
 from approxctl.layers import ApproxConv2d
 from approxctl.proxy_ops import fake_quant
+from approxctl.sign_pair import sign_pair
 
 # (batch, in, out, size, kernel, stride, padding, dilation, groups)
 GEOMETRIES = [
@@ -72,6 +73,63 @@ def test_sums_past_2_24_are_rounded_once_on_every_path(
     assert torch.equal(got, want.float())
 
 
+def _float_convs(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
+    """The dtypes of the float fallback's convolutions, recorded as they run (the tests'
+    own references call torch.conv2d, which the spy does not see)."""
+    monkeypatch.setattr(cpu_int8, "available", lambda: False)
+    dtypes: list[torch.dtype] = []
+    real = integer_conv.F.conv2d
+
+    def spy(x: torch.Tensor, *args: object) -> torch.Tensor:
+        dtypes.append(x.dtype)
+        return real(x, *args)
+
+    monkeypatch.setattr(integer_conv.F, "conv2d", spy)
+    return dtypes
+
+
+def test_float_fallback_proves_large_bounds_exact_in_float32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Non-negative products whose bound passes 2^24 but whose sums stay below it (analog's
+    trained layers) cost one float32 convolution; sums that reach 2^24 are redone in float64."""
+    dtypes = _float_convs(monkeypatch)
+    gen = torch.Generator().manual_seed(4)
+    conv = ConvGeometry((1, 1), (2, 2), (1, 1), 1)
+    codes = torch.randint(0, 40, (2, 32, 8, 8), generator=gen, dtype=torch.uint8)
+    w_codes = torch.randint(0, 128, (4, 32, 5, 5), generator=gen, dtype=torch.int8)
+    got = exact_sums(codes, 0, w_codes, conv, bound=255 * 127 * 800)
+    want = torch.conv2d(codes.double(), w_codes.double(), None, *conv.args)
+    assert float(want.max()) < 2**24 and torch.equal(got, want.float())
+    assert dtypes == [torch.float32]
+
+    dtypes.clear()
+    big = torch.full_like(codes, 255)
+    got = exact_sums(big, 0, w_codes.clamp(min=110), conv, bound=255 * 127 * 800)
+    want = torch.conv2d(big.double(), w_codes.clamp(min=110).double(), None, *conv.args)
+    assert float(want.max()) > 2**24 and torch.equal(got, want.float())
+    assert dtypes == [torch.float32, torch.float64]
+
+
+def test_float_fallback_trusts_no_float32_total_of_mixed_signs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With negative weight codes, partial sums can pass 2^24 (and round) while the total
+    comes back below it: such a convolution runs in float64 from the start."""
+    dtypes = _float_convs(monkeypatch)
+    gen = torch.Generator().manual_seed(5)
+    conv = ConvGeometry((1, 1), (0, 0), (1, 1), 1)
+    codes = torch.randint(200, 256, (2, 64, 5, 5), generator=gen, dtype=torch.uint8)
+    w_codes = torch.randint(100, 128, (3, 64, 5, 5), generator=gen, dtype=torch.int8)
+    w_codes[:, 32:] *= -1  # the second half of the channels takes the first half's sum back
+    want = torch.conv2d(codes.double(), w_codes.double(), None, *conv.args)
+    float32 = torch.conv2d(codes.float(), w_codes.float(), None, *conv.args)
+    assert float(want.abs().max()) < 2**24 and not torch.equal(float32.double(), want)
+    got = exact_sums(codes, 0, w_codes, conv, bound=255 * 127 * 1600)
+    assert torch.equal(got, want.float())
+    assert dtypes == [torch.float64]
+
+
 def test_fake_quant_codes_are_fake_quant_bit_for_bit() -> None:
     step, qmax = 0.03, 32
     x = torch.cat([torch.randn(3000) * 0.6, torch.tensor([0.015, 0.045, -0.01, 0.96, 0.975, 9.0])])
@@ -95,7 +153,7 @@ def test_fake_quant_codes_are_fake_quant_bit_for_bit() -> None:
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-def test_integer_conv_has_exact_sums_and_the_float_convs_gradients(
+def test_integer_pair_has_exact_sums_and_the_float_convs_gradients(
     geometry: tuple[int, ...], path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _path(path, monkeypatch)
@@ -107,26 +165,31 @@ def test_integer_conv_has_exact_sums_and_the_float_convs_gradients(
     unit = 1.0 / (length**2 * step)
     conv = _geometry(geometry)
 
+    w2_codes = w_codes.flip(0)  # a second weight: the pair's other stream
     xa, wa = x.clone().requires_grad_(), w_codes.float().requires_grad_()
     x_q, codes = fake_quant_codes(xa, step, length)
     assert codes is not None
-    out = integer_conv2d(
-        x_q, codes, wa * unit, w_codes.to(torch.int8), out_scale=1.0 / length**2,
-        geometry=conv, bound=length**2 * w_codes[0].numel(),
+    pair = PairCodes(
+        codes, w_codes.to(torch.int8), w2_codes.to(torch.int8), out_scale=1.0 / length**2,
+        bound=length**2 * w_codes[0].numel(),
     )  # fmt: skip
+    outs = sign_pair(x_q, wa * unit, wa.flip(0) * unit, conv, lambda: pair.sums(conv))
     xb, wb = x.clone().requires_grad_(), w_codes.float().requires_grad_()
-    proxy = F.conv2d(fake_quant(xb, step, 0, length), wb * unit, None, *conv.args)
+    xb_q = fake_quant(xb, step, 0, length)
+    proxies = [F.conv2d(xb_q, w * unit, None, *conv.args) for w in (wb, wb.flip(0))]
 
     ints = torch.clamp(torch.round(x / step), 0, length).double()
-    acc = F.conv2d(ints, w_codes.double(), None, *conv.args)
-    assert out.is_contiguous()
-    assert torch.equal(out, (acc / length**2).float())
-    assert torch.allclose(out, proxy, rtol=1e-5, atol=1e-5)  # the float proxy, up to rounding
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    proxy.backward(grad)
-    assert torch.equal(xa.grad, xb.grad)
-    assert torch.equal(wa.grad, wb.grad)
+    grads = []
+    for out, proxy, wc in zip(outs, proxies, (w_codes, w2_codes), strict=True):
+        acc = F.conv2d(ints, wc.double(), None, *conv.args)
+        assert out.is_contiguous()
+        assert torch.equal(out, (acc / length**2).float())
+        assert torch.allclose(out, proxy, rtol=1e-5, atol=1e-5)  # the float proxy, up to rounding
+        grads.append(torch.randn_like(out))  # unrelated: the pair's two dense backward passes
+    torch.autograd.backward(outs, grads)
+    torch.autograd.backward(proxies, grads)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(wa.grad, wb.grad, rtol=1e-6, atol=1e-6)
 
 
 def _layer(
@@ -197,7 +260,6 @@ def test_sc_streams_longer_than_int8_weights_take_the_float_path(
 ) -> None:
     layer, x = _layer("sc", 4, True, length=length)
     calls = []
-    monkeypatch.setattr(integer_conv, "integer_conv2d", lambda *a, **k: calls.append(1) or 0)
     monkeypatch.setattr(integer_conv, "exact_sums", lambda *a, **k: calls.append(1) or 0)
     layer.set_mode("inject")
     q = layer.target.quantize(layer, x)

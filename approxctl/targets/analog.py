@@ -18,6 +18,7 @@ import torch
 from approxctl.backends import registry
 from approxctl.errors import ApproxError
 from approxctl.functional import validate_analog_params
+from approxctl.integer_conv import PairCodes
 from approxctl.noise import NoiseSpec
 from approxctl.proxy_ops import hardtanh_pairs
 from approxctl.targets.base import Target, TargetConfig, quantize_inputs, ste_round
@@ -158,18 +159,18 @@ class AnalogTarget(Target):
             z = z * scale
             return self.add_noise(layer, z if bias is None else z + bias, q, noise)
         w_pos, w_neg = w.clamp(min=0), (-w).clamp(min=0)
-        if "a_codes" in q:  # inject mode on CPU: the sums as exact integer convolutions
-            w_int = q["w"].detach().to(torch.int8)
-            signs = [(w_pos, w_int.clamp(min=0)), (w_neg, w_int.neg().clamp_(min=0))]
-            pairs = [
-                tuple(  # type: ignore[misc]
-                    layer.integer_accumulate([(q[a], q[a + "_codes"], w_s, c_s)], 1.0, 255 * 127)
-                    for w_s, c_s in signs
-                )
-                for a in ("a", "a_neg") if a in q
-            ]  # fmt: skip
-        else:
-            pairs = [(layer.accumulate(a, w_pos), layer.accumulate(a, w_neg)) for a in inputs]
+        pairs = []
+        for a in ("a", "a_neg"):
+            if a not in q:
+                continue
+            codes = None
+            if "a_codes" in q:  # inject mode on CPU: the sums as exact integer convolutions
+                w_int = q["w"].detach().to(torch.int8)
+                codes = PairCodes(
+                    q[a + "_codes"], w_int.clamp(min=0), w_int.neg().clamp_(min=0),
+                    out_scale=1.0, bound=255 * 127 * layer.reduction_size,
+                )  # fmt: skip
+            pairs.append(layer.accumulate_pair(q[a], w_pos, w_neg, codes))
         return hardtanh_pairs(
             pairs, self._clamp_t(layer), scale, bias,
             layout=layer.channel_layout(pairs[0][0]), noise=noise,

@@ -17,6 +17,7 @@ import torch
 from approxctl import streams
 from approxctl.backends import registry
 from approxctl.errors import ApproxError
+from approxctl.integer_conv import PairCodes
 from approxctl.noise import NoiseSpec
 from approxctl.proxy_ops import sc_activation
 from approxctl.targets.base import Target, TargetConfig, quantize_inputs, ste_round
@@ -88,23 +89,21 @@ class ScTarget(Target):
             terms = [(x, wp - wn) for (x, wp), (_, wn) in zip(pos_terms, neg_terms, strict=True)]
             z = layer.accumulate_terms(terms) * scale
             return self.add_noise(layer, z if bias is None else z + bias, q, noise)
+        # The terms above as one input, K = [x+, x-] within each group, and the two streams'
+        # weights: one accumulate_pair (the first layer's weight gradients by one GEMM each).
+        names = ["a", "a_neg"] if "a_neg" in q else ["a"]
+        x = layer.group_concat([q[a] for a in names])
+        stream_w = [torch.cat([w for _, w in terms], 1) for terms in (pos_terms, neg_terms)]
+        codes = None
         if "a_codes" in q:  # inject mode on CPU: the sums as exact integer convolutions
-            weights = {  # (float weights, their int8 codes) per sign
-                "+": (w_pos, q["w_pos"].detach().to(torch.int8)),
-                "-": (w_neg, q["w_neg"].detach().to(torch.int8)),
-            }
-            # The same terms as pos_terms / neg_terms above, with the inputs' codes.
-            stream_terms = [("a", "+"), ("a_neg", "-")], [("a", "-"), ("a_neg", "+")]
-            z_pos, z_neg = (
-                layer.integer_accumulate(
-                    [(q[a], q[a + "_codes"], *weights[sign]) for a, sign in terms if a in q],
-                    out_scale=1.0 / self.config.length**2,
-                    max_product=self.config.length**2,
-                )
-                for terms in stream_terms
-            )
-        else:
-            z_pos, z_neg = layer.accumulate_terms(pos_terms), layer.accumulate_terms(neg_terms)
+            w_codes = [q["w_pos"].detach().to(torch.int8), q["w_neg"].detach().to(torch.int8)]
+            codes = PairCodes(
+                layer.group_concat([q[a + "_codes"] for a in names]),
+                torch.cat(w_codes[: len(names)], 1), torch.cat(w_codes[::-1][: len(names)], 1),
+                out_scale=1.0 / self.config.length**2,
+                bound=self.config.length**2 * stream_w[0][0].numel(),
+            )  # fmt: skip
+        z_pos, z_neg = layer.accumulate_pair(x, stream_w[0], stream_w[1], codes)
         layout = layer.channel_layout(z_pos)
         return sc_activation(z_pos, z_neg, scale, bias, layout=layout, noise=noise)
 
