@@ -6,7 +6,9 @@ SC's and analog's proxies (SPEC 3.2/3.3, paper section 3.1) need the positive- a
 negative-weight accumulations separately, so every converted conv runs as two convolutions,
 forward and backward. This times a training step of the float model against the same model
 whose convs and linear layers do exactly that and nothing else (no quantization, activation or
-injected error): the cheapest step any sign-split proxy can have with dense conv kernels.
+injected error): the cheapest step any sign-split proxy can have with dense conv kernels and
+two backward passes per layer (analog's sign pair, ``approxctl.sign_pair``, needs one where its
+clamps do not bind; sc's gradients always need two).
 Both are timed round-robin in one run, like `approxctl profile`; the result of record is in
 docs/benchmarks.md.
 """
