@@ -140,8 +140,10 @@ class _SignPair(torch.autograd.Function):
         need_x, need_pos, need_neg = ctx.needs_input_grad[:3]
         need_w = need_pos or need_neg
         geometry = ctx.geometry
-        grad_pos = grad_pos.contiguous()
-        grad_neg = grad_neg.contiguous()
+        # Under autocast the forward's float convolutions ran in a lower precision; the
+        # gradients are computed in the operands' own dtype, as for the integer sums.
+        grad_pos = grad_pos.to(x.dtype).contiguous()
+        grad_neg = grad_neg.to(x.dtype).contiguous()
         limit = int(grad_pos.numel() * SPARSE_FRACTION)
         index = np.empty(limit, dtype=np.int64)
         count = cpu_sparse_grad.nonzero_sums(

@@ -179,3 +179,27 @@ def test_analog_layers_take_the_pair_and_keep_their_gradients(padding_mode: str)
             del layer.accumulate_pair
         for got, want in zip(*grads, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("target", ["sc", "analog"])
+def test_pair_under_cpu_autocast(target: str) -> None:
+    """``train --amp`` on CPU: autocast runs the pair's float convolutions in bfloat16, so its
+    backward receives bfloat16 gradients; it computes in the operands' float32."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(8 * 64, 5),
+    )  # fmt: skip
+    model = approxctl.convert(model, target)
+    batches = [torch.randn(8, 1, 8, 8)]
+    approxctl.calibrate(model, batches)
+    approxctl.fit_error_model(model, batches)
+    for mode in ("inject", "exact"):
+        approxctl.set_mode(model, mode)
+        model.zero_grad()
+        with torch.autocast("cpu"):
+            loss = model(batches[0]).float().square().sum()
+        loss.backward()
+        for p in model.parameters():
+            assert p.grad is not None and p.grad.dtype == torch.float32
+            assert bool(torch.isfinite(p.grad).all())
