@@ -343,17 +343,17 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
         if not sign_pair.usable(x, w_pos, w_neg):
             return super().accumulate_pair(x, w_pos, w_neg)
         x, pad = self._explicit_pad(x)
-        geometry = integer_conv.ConvGeometry(
-            stride=tuple(self.stride), padding=pad,  # type: ignore[arg-type]
-            dilation=tuple(self.dilation), groups=self.groups,
-        )  # fmt: skip
-        return sign_pair.sign_pair(x, w_pos, w_neg, geometry)
+        return sign_pair.sign_pair(x, w_pos, w_neg, self.zero_padded_geometry(pad))
 
-    def zero_padded_geometry(self) -> integer_conv.ConvGeometry:
-        """The conv's arguments, for a layer with zero padding given as numbers."""
+    def zero_padded_geometry(
+        self, padding: tuple[int, int] | None = None
+    ) -> integer_conv.ConvGeometry:
+        """The conv's arguments, for a layer with zero padding given as numbers (or for an
+        input already padded by ``_explicit_pad``, with the ``padding`` it leaves)."""
         return integer_conv.ConvGeometry(
-            stride=tuple(self.stride), padding=tuple(self.padding),  # type: ignore[arg-type]
-            dilation=tuple(self.dilation), groups=self.groups,
+            stride=tuple(self.stride),  # type: ignore[arg-type]
+            padding=tuple(self.padding) if padding is None else padding,  # type: ignore[arg-type]
+            dilation=tuple(self.dilation), groups=self.groups,  # type: ignore[arg-type]
         )  # fmt: skip
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
