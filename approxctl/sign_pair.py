@@ -37,10 +37,12 @@ try:
 except ImportError:  # numba missing: ``usable`` says no
     cpu_sparse_grad = None  # type: ignore[assignment]
 
-# The correction costs about one scalar multiply-add per (nonzero, input of its window) where
-# the dense pass costs one vectorized multiply-add per (output, input of its window): past
-# 1/256 of the outputs nonzero the second dense pass is the cheaper one (conv2 of TinyConv:
-# 4096 of 1 M outputs).
+# The correction costs a scalar multiply-add per (nonzero, input of its window) where the dense
+# pass costs a vectorized one per (output, input of its window). Measured on TinyConv's second
+# layer (batch 128, 1 M outputs, input and weight gradients; the AVX2 CPU of 2026-12-06): dense
+# 46.6 ms; the correction 1.0 ms for 100 nonzeros, 14.7 ms for 4096 (= 1/256 of the outputs),
+# 50.2 ms for 16384. 1/256 keeps the correction well below a dense pass; the scan that counts
+# the nonzeros took 1.1 ms over 1 M outputs where all were zero.
 SPARSE_FRACTION = 1 / 256
 
 Sums = Callable[[], tuple[torch.Tensor, torch.Tensor]]
