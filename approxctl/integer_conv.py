@@ -84,10 +84,11 @@ def exact_sums(
     """
     if cpu_int8.available():
         return cpu_int8.conv2d(codes, zero_point, w_codes, *geometry.args)
-    nonnegative = zero_point == 0 and int(w_codes.min()) >= 0
-    if bound < _FLOAT32_EXACT or nonnegative:
+    if bound < _FLOAT32_EXACT:
+        return _conv_of_ints(codes, zero_point, w_codes, geometry, torch.float32)
+    if zero_point == 0 and int(w_codes.min()) >= 0:  # non-negative products
         sums = _conv_of_ints(codes, zero_point, w_codes, geometry, torch.float32)
-        if bound < _FLOAT32_EXACT or float(sums.max()) < _FLOAT32_EXACT:
+        if float(sums.max()) < _FLOAT32_EXACT:
             return sums
     return _conv_of_ints(codes, zero_point, w_codes, geometry, torch.float64).to(torch.float32)
 

@@ -159,16 +159,19 @@ class AnalogTarget(Target):
             z = z * scale
             return self.add_noise(layer, z if bias is None else z + bias, q, noise)
         w_pos, w_neg = w.clamp(min=0), (-w).clamp(min=0)
+        w_codes = None
+        if "a_codes" in q:  # inject mode on CPU: the sums as exact integer convolutions
+            w_int = q["w"].detach().to(torch.int8)
+            w_codes = (w_int.clamp(min=0), w_int.neg().clamp_(min=0))
         pairs = []
         for a in ("a", "a_neg"):
             if a not in q:
                 continue
             codes = None
-            if "a_codes" in q:  # inject mode on CPU: the sums as exact integer convolutions
-                w_int = q["w"].detach().to(torch.int8)
+            if w_codes is not None:
                 codes = PairCodes(
-                    q[a + "_codes"], w_int.clamp(min=0), w_int.neg().clamp_(min=0),
-                    out_scale=1.0, bound=255 * 127 * layer.reduction_size,
+                    q[a + "_codes"], *w_codes, out_scale=1.0,
+                    bound=255 * 127 * layer.reduction_size,
                 )  # fmt: skip
             pairs.append(layer.accumulate_pair(q[a], w_pos, w_neg, codes))
         return hardtanh_pairs(
