@@ -193,6 +193,11 @@ class ApproxLayer(nn.Module):
         is small beside the emulation's."""
         return False
 
+    def plain_geometry(self) -> integer_conv.ConvGeometry | None:
+        """A convolution's arguments where it pads with zeros given as numbers, so a kernel
+        can take its input unpadded; None for other layers."""
+        return None
+
     def accumulate_pair(
         self,
         x: torch.Tensor,
@@ -325,10 +330,14 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
 
     def integer_sums(self, x: torch.Tensor) -> bool:
         return (
-            self.mode == "inject" and self.padding_mode == "zeros"
-            and not isinstance(self.padding, str)
+            self.mode == "inject" and self.plain_geometry() is not None
             and self.reduction_size >= integer_conv.MIN_REDUCTION and integer_conv.usable(x)
         )  # fmt: skip
+
+    def plain_geometry(self) -> integer_conv.ConvGeometry | None:
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return None
+        return self.zero_padded_geometry()
 
     def accumulate_pair(
         self,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from approxctl import hardtanh_conv
 from approxctl.backends import registry
 from approxctl.errors import ApproxError
 from approxctl.functional import validate_analog_params
@@ -158,6 +159,9 @@ class AnalogTarget(Target):
                 z = z - layer.accumulate(inputs[1], w)
             z = z * scale
             return self.add_noise(layer, z if bias is None else z + bias, q, noise)
+        fused = self._fused_proxy(layer, q, w, scale, bias, noise)
+        if fused is not None:
+            return fused
         w_pos, w_neg = w.clamp(min=0), (-w).clamp(min=0)
         w_codes = None
         if "a_codes" in q:  # inject mode on CPU: the sums as exact integer convolutions
@@ -177,6 +181,29 @@ class AnalogTarget(Target):
         return hardtanh_pairs(
             pairs, self._clamp_t(layer), scale, bias,
             layout=layer.channel_layout(pairs[0][0]), noise=noise,
+        )  # fmt: skip
+
+    def _fused_proxy(
+        self,
+        layer: ApproxLayer,
+        q: dict[str, torch.Tensor],
+        w: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        noise: NoiseSpec | None,
+    ) -> torch.Tensor | None:
+        """The proxy as one fused node (``approxctl.hardtanh_conv``: a first layer on CPU),
+        or None where that does not serve the layer."""
+        geometry = layer.plain_geometry()
+        inputs = [q["a"]] + ([q["a_neg"]] if "a_neg" in q else [])
+        if geometry is None or not hardtanh_conv.usable(geometry, w, *inputs):
+            return None
+        step = q["a_step"]  # the codes: inputs over their step, rounded (exact: see quantize)
+        codes = [torch.round(x.detach() / step) for x in inputs]
+        return hardtanh_conv.hardtanh_conv(
+            w, inputs[0], inputs[1] if len(inputs) == 2 else None,
+            (codes[0], codes[1] if len(codes) == 2 else None, q["w"].detach()),
+            geometry, self._clamp_t(layer), scale, bias, noise=noise,
         )  # fmt: skip
 
     def exact(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:
