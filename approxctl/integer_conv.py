@@ -19,6 +19,7 @@ values), so the backward is what it is for the float proxy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,11 +100,17 @@ def _conv_of_ints(
     w_codes: torch.Tensor,
     geometry: ConvGeometry,
     dtype: torch.dtype,
+    factor: float = 1.0,
 ) -> torch.Tensor:
+    """The convolution of the codes in ``dtype``, times ``factor`` (folded into the weights:
+    exact only for a power of two)."""
     ints = codes.to(dtype)
     if zero_point:
         ints.sub_(zero_point)
-    return F.conv2d(ints, w_codes.to(dtype), None, *geometry.args)
+    weights = w_codes.to(dtype)
+    if factor != 1.0:
+        weights.mul_(factor)
+    return F.conv2d(ints, weights, None, *geometry.args)
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
@@ -155,7 +162,13 @@ def integer_sums_nchw(
 ) -> torch.Tensor:
     """``exact_sums(codes, 0, w_codes) * out_scale`` as a contiguous (N, C, H, W) float32
     tensor, whatever memory order the convolution wrote."""
+    if not cpu_int8.available() and bound < _FLOAT32_EXACT and math.frexp(out_scale)[0] == 0.5:
+        # sc without VNNI: a power-of-two scale folded into the float32 weights keeps every
+        # product and partial sum exact, and saves the output pass below
+        return _conv_of_ints(codes, 0, w_codes, geometry, torch.float32, out_scale).contiguous()
     acc = exact_sums(codes, 0, w_codes, geometry, bound)
+    if out_scale == 1.0 and acc.is_contiguous():  # analog's sums from a float32 convolution
+        return acc  # (no VNNI): already the values, in order; the pass below would copy them
     if not (acc.is_contiguous() or acc.is_contiguous(memory_format=torch.channels_last)):
         acc = acc.contiguous()
     # By the output pass of the integer convolutions (a tiled transpose; torch's strided copy

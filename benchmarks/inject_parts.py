@@ -17,6 +17,8 @@ median step and the median (first-third quartile) of its per-round ratio to floa
 * analog also: "old backward" makes ``approxctl.sign_pair`` find too many nonzeros in g+ + g-
   every time and never use the patches' GEMM, so its backward runs the two dense
   ``convolution_backward`` passes per input that two separate accumulations ran before it.
+* sc, analog: "first layer unfused" turns ``approxctl.fused_conv`` off (the first layer's
+  accumulations through the sign pair and the proxy node, as before 2026-12-07).
 
 The results of record are in docs/benchmarks.md.
 """
@@ -33,7 +35,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from approxctl import calibrate, convert, fit_error_model, set_mode, sign_pair
+from approxctl import calibrate, convert, fit_error_model, fused_conv, set_mode, sign_pair
 from approxctl.backends import cpu_sparse_grad
 from approxctl.layers import ApproxConv2d
 from approxctl.models import BUILTIN_MODELS
@@ -59,11 +61,16 @@ def variants(target: str) -> dict[str, list[Patch]]:
             "fused, no draw": [(ApproxMultTarget, "fused_inject", no_draw)],
         }
     float_proxy: list[Patch] = [(ApproxConv2d, "integer_sums", lambda self, x: False)]
-    configs = {"float proxy": float_proxy, "integer sums": []}
+    unfused: list[Patch] = [(fused_conv, "usable", lambda *args: False)]
+    configs = {
+        "float proxy": float_proxy, "integer sums, first layer unfused": unfused,
+        "integer sums": [],
+    }  # fmt: skip
     if target == "analog":  # the backward before approxctl.sign_pair (2026-12-06)
         before: list[Patch] = [
             (cpu_sparse_grad, "nonzero_sums", lambda *args: -1),
             (sign_pair._DenseBackward, "by_patches", lambda self, weight: False),
+            *unfused,
         ]
         configs = {"float proxy": float_proxy, "integer sums, old backward": before, **configs}
     return configs

@@ -55,6 +55,26 @@ def test_exact_sums_are_the_integer_sums(
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("out_scale", [1.0, 2.0**-10, 0.3])
+@pytest.mark.parametrize("geometry", GEOMETRIES[:3])
+def test_integer_sums_nchw_are_the_exact_sums_times_the_scale(
+    geometry: tuple[int, ...], out_scale: float, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every route (int8; float32 with the scale folded into the weights for a power of two;
+    float32 then the output pass) gives float32(sum) * float32(out_scale), NCHW contiguous."""
+    _path(path, monkeypatch)
+    n, c, o, size, k = geometry[:5]
+    gen = torch.Generator().manual_seed(sum(geometry))
+    codes = torch.randint(0, 33, (n, c, size, size), generator=gen, dtype=torch.uint8)
+    w_codes = torch.randint(0, 33, (o, c // geometry[8], k, k), generator=gen, dtype=torch.int8)
+    conv = _geometry(geometry)
+    got = integer_conv.integer_sums_nchw(codes, w_codes, out_scale, conv, 32 * 32 * 10**4)
+    sums = F.conv2d(codes.double(), w_codes.double(), None, *conv.args).float()
+    assert got.is_contiguous()
+    assert torch.equal(got, sums * torch.tensor(out_scale, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_sums_past_2_24_are_rounded_once_on_every_path(
     path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -217,13 +237,13 @@ def test_inject_uses_integer_sums_and_keeps_the_float_proxys_values(
 ) -> None:  # fmt: skip
     layer, x = _layer(target, channels, signed, groups, stride)  # K = 4 x 5 x 5 = 100
     calls = []
-    real = integer_conv.exact_sums
+    real = integer_conv.integer_sums_nchw
 
     def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(integer_conv, "exact_sums", counted)
+    monkeypatch.setattr(integer_conv, "integer_sums_nchw", counted)
     outs, grads = [], []
     for integer in (True, False):
         monkeypatch.setattr(ApproxConv2d, "integer_sums", lambda self, x, on=integer: on)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from approxctl import hardtanh_conv
+from approxctl import fused_conv
 from approxctl.backends import registry
 from approxctl.errors import ApproxError
 from approxctl.functional import validate_analog_params
@@ -192,18 +192,22 @@ class AnalogTarget(Target):
         bias: torch.Tensor | None,
         noise: NoiseSpec | None,
     ) -> torch.Tensor | None:
-        """The proxy as one fused node (``approxctl.hardtanh_conv``: a first layer on CPU),
-        or None where that does not serve the layer."""
+        """The proxy as one fused node (``approxctl.fused_conv``: a first layer on CPU), or
+        None where that does not serve the layer."""
         geometry = layer.plain_geometry()
         inputs = [q["a"]] + ([q["a_neg"]] if "a_neg" in q else [])
-        if geometry is None or not hardtanh_conv.usable(geometry, w, *inputs):
+        if geometry is None or not fused_conv.usable(geometry, w, *inputs):
             return None
-        step = q["a_step"]  # the codes: inputs over their step, rounded (exact: see quantize)
-        codes = [torch.round(x.detach() / step) for x in inputs]
-        return hardtanh_conv.hardtanh_conv(
-            w, inputs[0], inputs[1] if len(inputs) == 2 else None,
-            (codes[0], codes[1] if len(codes) == 2 else None, q["w"].detach()),
-            geometry, self._clamp_t(layer), scale, bias, noise=noise,
+        w_int = q["w"].detach()
+        codes = fused_conv.Codes(  # inputs over their step, rounded: their codes exactly
+            *(torch.round(x.detach() / q["a_step"]) for x in inputs),
+            *([None] if len(inputs) == 1 else []),
+            w_pos=w_int.clamp(min=0), w_neg=(-w_int).clamp(min=0),
+        )  # fmt: skip
+        return fused_conv.fused_conv(
+            w.clamp(min=0), (-w).clamp(min=0), inputs[0], inputs[1] if len(inputs) == 2 else None,
+            codes, w_int, geometry, fused_conv.Proxy("analog", t=self._clamp_t(layer)),
+            scale, bias, noise=noise,
         )  # fmt: skip
 
     def exact(self, layer: ApproxLayer, q: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from approxctl import streams
+from approxctl import fused_conv, streams
 from approxctl.backends import registry
 from approxctl.errors import ApproxError
 from approxctl.integer_conv import PairCodes
@@ -89,9 +89,24 @@ class ScTarget(Target):
             terms = [(x, wp - wn) for (x, wp), (_, wn) in zip(pos_terms, neg_terms, strict=True)]
             z = layer.accumulate_terms(terms) * scale
             return self.add_noise(layer, z if bias is None else z + bias, q, noise)
+        names = ["a", "a_neg"] if "a_neg" in q else ["a"]
+        geometry = layer.plain_geometry()
+        inputs = [q[a] for a in names]
+        if geometry is not None and fused_conv.usable(geometry, w_pos, *inputs):
+            # a first layer on CPU: accumulations and proxy in one fused node
+            codes = fused_conv.Codes(  # inputs over their step, rounded: their codes exactly
+                *(torch.round(x.detach() / q["a_step"]) for x in inputs),
+                *([None] if len(inputs) == 1 else []),
+                w_pos=q["w_pos"].detach(), w_neg=q["w_neg"].detach(),
+            )  # fmt: skip
+            return fused_conv.fused_conv(
+                w_pos, w_neg, inputs[0], inputs[1] if len(inputs) == 2 else None, codes,
+                (self.config.gain * layer.weight).detach(), geometry,
+                fused_conv.Proxy("sc", unit=1.0 / self.config.length**2), scale, bias,
+                noise=noise,
+            )  # fmt: skip
         # The terms above as one input, K = [x+, x-] within each group, and the two streams'
         # weights: one accumulate_pair (the first layer's weight gradients by one GEMM each).
-        names = ["a", "a_neg"] if "a_neg" in q else ["a"]
         x = layer.group_concat([q[a] for a in names])
         stream_w = [torch.cat([w for _, w in terms], 1) for terms in (pos_terms, neg_terms)]
         codes = None

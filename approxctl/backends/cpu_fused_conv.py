@@ -1,21 +1,27 @@
-"""numba kernels for analog's proxy on a convolution with few products per output (a first
-layer), fused with its accumulations: ``approxctl.hardtanh_conv``.
+"""numba kernels for sc's and analog's proxies on a convolution with few products per output
+(a first layer), fused with its accumulations: ``approxctl.fused_conv``.
 
 Such a layer (TinyConv's first: one channel, 5x5, 4.2 M outputs at batch 128) is bound by
-memory, not by multiply-adds, and its signed input makes the proxy four accumulations (SPEC 3.3):
-through separate convolutions and the pointwise proxy kernels, each of the four output-sized
-maps is written, read back, and written again as a gradient. Here one pass per output channel
-and sample computes the four sums in cache and writes only the layer output (and a byte of
-gradient masks), and the backward reads the output gradient once and returns the weight
+memory, not by multiply-adds, and a signed input splits it into x+ and x-, each against w+ and
+w- (SPEC 3.2, 3.3): through separate convolutions and the pointwise proxy kernels, every one of
+those output-sized maps is written, read back, and written again as a gradient. Here one pass per
+(sample, output channel) computes the four sums in cache and writes only what the proxy's
+backward needs, and the backward reads the output gradient once and returns the weight
 gradients.
+
+The four sums: z0 = x+ . w+, z1 = x+ . w-, z2 = x- . w+, z3 = x- . w- (the last two only for a
+signed input, ``four``). ``kind`` picks the proxy:
+* ``ANALOG``: ``hardtanh_proxy_forward`` of (z0, z1, z2, z3): output and a byte of masks;
+* ``SC``: ``sc_proxy_forward`` of z+ = (z0 + z3) * unit, z- = (z1 + z2) * unit (the streams
+  [x+, x-] against [w+, w-] and [w-, w+]): output and e+- = exp(-z+-).
 
 Layout: inputs are zero-padded planes with one spare row, so output position ``y * Wp + x`` of a
 "wide" output ``Ho x Wp`` (``Wp`` the padded width, columns ``x >= Wo`` discarded) reads input
 ``y * Wp + x + offset(k)`` for every kernel position k: each k is one contiguous run that
 vectorizes, at the price of computing the ``Wp - Wo`` discarded columns. Stride 1 only.
 
-Both weight signs of one input fall on disjoint kernel positions (a weight is positive or
-negative), so a sum over k takes one multiply-add per position and input sign, not two.
+w+ and w- fall on disjoint kernel positions (a weight is positive or negative), so a sum over k
+takes one multiply-add per position and input sign, not two.
 """
 
 from __future__ import annotations
@@ -23,8 +29,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from approxctl.backends.cpu_pointwise import BLOCK, CHUNKS, _blocks, _write_output
+from approxctl.backends.cpu_pointwise import BLOCK, CHUNKS, _blocks, _exp_neg, _write_output
 from approxctl.backends.numba_cache import process_safe
+
+ANALOG = 0
+SC = 1
 
 TAPS = 4  # kernel positions per pass over the wide output: one load and store of the
 # accumulator per TAPS multiply-adds where a pass per position spends one per multiply-add
@@ -33,11 +42,9 @@ TAPS = 4  # kernel positions per pass over the wide output: one load and store o
 @numba.njit(cache=True, nogil=True)
 def taps(w, plane, wp, dy, dx):  # type: ignore[no-untyped-def]
     """Each output channel's kernel positions with positive (sign 0) and negative (sign 1)
-    weights, in runs of TAPS: ``offset`` (O, 2, P) into the wide input of the channel's group,
+    ``w``, in runs of TAPS: ``offset`` (O, 2, P) into the wide input of the channel's group,
     ``weight`` (O, 2, P) the magnitudes, ``index`` (O, 2, P) the flat position in w[o] (-1 for
-    the zero-weight padding of a last run); ``runs`` (O, 2). Zero weights are in neither list:
-    they add nothing, and w+ = max(w, 0), w- = max(-w, 0) pass them no gradient (torch's clamp
-    gives none at the bound)."""
+    the zero-weight padding of a last run); ``runs`` (O, 2). Zero weights are in neither list."""
     channels, groups_in, kh, kw = w.shape
     size = groups_in * kh * kw
     width = (size + TAPS - 1) // TAPS * TAPS
@@ -102,17 +109,19 @@ def _dot_taps(x, first, offset, run, g, out4):  # type: ignore[no-untyped-def]
 @process_safe
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
 def forward(  # type: ignore[no-untyped-def]
-    pos, neg, four, w, channels_in, plane, wp, out_h, out_w, dy, dx, limit, scale, bias,
-    noise, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift,
-    out, inside,
+    kind, pos, neg, four, w, channels_in, plane, wp, out_h, out_w, dy, dx, limit, unit, scale,
+    bias, noise, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift,
+    out, inside, e_pos, e_neg,
 ):  # fmt: skip
-    """``hardtanh_proxy_forward`` of the four accumulations of a stride-1 convolution, computed
-    here: the same values, masks and drawn errors, bit for bit, where the sums are exact
-    (integer operands whose sums stay below 2^24 in float32).
+    """The proxy's forward (``kind``) of the four accumulations of a stride-1 convolution,
+    computed here: the same values, masks or e+-, and drawn errors, bit for bit, as the proxy
+    kernel gives on exact sums (integer operands whose sums stay below 2^24 in float32).
 
     ``pos``/``neg``: the flat padded input planes (N, C, Hp + 1, Wp) of the positive and the
     negative inputs (``neg`` is ignored unless ``four``), finite; ``w`` (O, C / groups, kh, kw)
-    signed weights; ``plane`` = (Hp + 1) * Wp. ``out`` and ``inside`` are flat (N, O, Ho, Wo)."""
+    the signed weights w+ - w-; ``plane`` = (Hp + 1) * Wp; ``limit``: analog's T; ``unit``:
+    sc's factor from sums to z. ``out`` and ``inside`` (analog) or ``e_pos``/``e_neg`` (sc)
+    are flat (N, O, Ho, Wo); the other kind's may be empty."""
     channels = w.shape[0]
     groups_in = w.shape[1]
     per_group_out = channels // (channels_in // groups_in)
@@ -129,7 +138,6 @@ def forward(  # type: ignore[no-untyped-def]
         z2 = np.empty(wide, dtype=np.float32)
         z3 = np.empty(wide, dtype=np.float32)
         v = np.empty(max(BLOCK, inner), dtype=np.float32)
-        code = np.empty(max(BLOCK, inner), dtype=np.uint8)
         t = np.empty(BLOCK, dtype=np.float32)
         err = np.empty(BLOCK, dtype=np.float32)
         hashes = np.empty(BLOCK // 2, dtype=np.uint32)
@@ -154,51 +162,73 @@ def forward(  # type: ignore[no-untyped-def]
                         _add_taps(neg, first, offset[o, 1], weight[o, 1], run, z3)
                 base = (s - seg) * inner
                 for y in range(out_h):
-                    a, b = z0[y * wp : y * wp + out_w], z1[y * wp : y * wp + out_w]
+                    row = y * wp
                     vs = v[base + y * out_w : base + (y + 1) * out_w]
-                    cs = code[base + y * out_w : base + (y + 1) * out_w]
-                    for i in range(out_w):
-                        vs[i] = min(max(a[i], zero), limit) - min(max(b[i], zero), limit)
-                        cs[i] = np.uint8(
-                            (1 if zero <= a[i] <= limit else 0)
-                            | (2 if zero <= b[i] <= limit else 0)
-                        )
-                    if four:
-                        a, b = z2[y * wp : y * wp + out_w], z3[y * wp : y * wp + out_w]
-                        for i in range(out_w):
-                            vs[i] += min(max(b[i], zero), limit) - min(max(a[i], zero), limit)
-                            cs[i] |= np.uint8(
-                                (4 if zero <= a[i] <= limit else 0)
-                                | (8 if zero <= b[i] <= limit else 0)
-                            )
+                    at = s * inner + y * out_w
+                    if kind == ANALOG:
+                        _hardtanh_row(z0[row:], z1[row:], z2[row:], z3[row:], four, limit,
+                                      vs, inside[at : at + out_w])  # fmt: skip
+                    else:
+                        _sc_row(z0[row:], z1[row:], z2[row:], z3[row:], four, unit, vs,
+                                e_pos[at : at + out_w], e_neg[at : at + out_w])  # fmt: skip
             end = last * inner
             for start in range(seg * inner, end, BLOCK):
                 stop = min(end, start + BLOCK)
-                m = stop - start
                 at = start - seg * inner
-                inside[start:stop] = code[at : at + m]
-                _write_output(v[at : at + m], start, noise, key, mu_coef, sigma_coef, lo, hi,
-                              bounds, table, shift, t, err, hashes, scale, bias, seg, inner,
-                              out[start:stop])  # fmt: skip
+                _write_output(v[at : at + stop - start], start, noise, key, mu_coef, sigma_coef,
+                              lo, hi, bounds, table, shift, t, err, hashes, scale, bias, seg,
+                              inner, out[start:stop])  # fmt: skip
+
+
+@numba.njit(inline="always")
+def _hardtanh_row(z0, z1, z2, z3, four, limit, v, code):  # type: ignore[no-untyped-def]
+    """One output row of ``hardtanh_proxy_forward``'s activation and masks (same arithmetic)."""
+    zero = np.float32(0.0)
+    for i in range(v.shape[0]):
+        a, b = z0[i], z1[i]
+        v[i] = min(max(a, zero), limit) - min(max(b, zero), limit)
+        code[i] = np.uint8((1 if zero <= a <= limit else 0) | (2 if zero <= b <= limit else 0))
+    if four:
+        for i in range(v.shape[0]):
+            a, b = z2[i], z3[i]
+            v[i] += min(max(b, zero), limit) - min(max(a, zero), limit)
+            code[i] |= np.uint8((4 if zero <= a <= limit else 0) | (8 if zero <= b <= limit else 0))
+
+
+@numba.njit(inline="always")
+def _sc_row(z0, z1, z2, z3, four, unit, v, e_pos, e_neg):  # type: ignore[no-untyped-def]
+    """One output row of ``sc_proxy_forward``'s activation and e+- (same arithmetic), the
+    exact sums of each stream added first."""
+    for i in range(v.shape[0]):
+        zp, zn = z0[i], z1[i]
+        if four:
+            zp += z3[i]
+            zn += z2[i]
+        a = _exp_neg(zp * unit)
+        b = _exp_neg(zn * unit)
+        e_pos[i] = a
+        e_neg[i] = b
+        v[i] = b - a
 
 
 @process_safe
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract", "reassoc"})
 def backward(  # type: ignore[no-untyped-def]
-    grad, inside, scale, pos, neg, four, w, channels_in, plane, wp, out_h, out_w, dy, dx,
-    grad_w, grad_sums,
+    kind, grad, inside, e_pos, e_neg, scale, pos, neg, four, w, channels_in, plane, wp, out_h,
+    out_w, dy, dx, grad_w, grad_sums,
 ):  # fmt: skip
-    """d loss / d w through w+ = max(w, 0) and w- = max(-w, 0) into the four accumulations,
-    from the output gradient ``grad`` and the forward's masks: what ``hardtanh_proxy_backward``,
-    each accumulation's weight gradient and the two clamps' gradients give, up to float rounding
-    (the sums run in another order).
+    """The gradients of the weights w+ and w- of the four accumulations, from the output
+    gradient ``grad`` and what the forward kept (analog: ``inside``; sc: ``e_pos``, ``e_neg``):
+    what the proxy kernel's backward followed by each accumulation's weight gradient gives, up
+    to float rounding (the sums run in another order).
 
-    ``w``: the forward's weights, for their signs only; ``grad_w`` (O, w[0].size) zero-filled.
-    ``pos``/``neg`` are laid out as in ``forward`` and may be any finite values (the backward
-    wants the float operands, the forward their integer codes).
-    ``grad_sums[segment]`` = the sum of ``grad`` over the segment (the bias gradient's terms).
-    Per-chunk partial sums over samples are added in chunk order, so results do not depend on
-    the number of threads."""
+    ``w``: signs only: ``grad_w[0]`` (d/dw+) is computed where w > 0, ``grad_w[1]`` (d/dw-)
+    where w < 0, zeros elsewhere (the caller's chain must pass no gradient there).
+    ``grad_w`` (2, O, w[0].size) comes zero-filled. ``pos``/``neg`` are laid out as in
+    ``forward`` and may be any finite values (the backward wants the float operands, the
+    forward their integer codes). ``grad_sums[segment]`` = the sum of ``grad`` over the segment
+    (the bias gradient's terms). Per-chunk partial sums over samples are added in chunk order,
+    so results do not depend on the number of threads."""
     channels = w.shape[0]
     groups_in = w.shape[1]
     per_group_out = channels // (channels_in // groups_in)
@@ -208,10 +238,10 @@ def backward(  # type: ignore[no-untyped-def]
     wide = out_h * wp
     zero = np.float32(0.0)
     offset, _, index, runs = taps(w, plane, wp, dy, dx)
-    size = w[0].size
-    partial = np.zeros((chunks, 2, channels, size), dtype=np.float32)
+    partial = np.zeros((chunks, 2, channels, grad_w.shape[2]), dtype=np.float32)
     for chunk in numba.prange(chunks):
-        g0 = np.zeros(wide, dtype=np.float32)  # the discarded columns stay zero
+        # d/dz of z0..z3 over the wide output; the discarded columns stay zero
+        g0 = np.zeros(wide, dtype=np.float32)
         g1 = np.zeros(wide, dtype=np.float32)
         g2 = np.zeros(wide, dtype=np.float32)
         g3 = np.zeros(wide, dtype=np.float32)
@@ -223,22 +253,35 @@ def backward(  # type: ignore[no-untyped-def]
                 total = zero
                 for y in range(out_h):
                     lo = s * inner + y * out_w
-                    g, cd = grad[lo : lo + out_w], inside[lo : lo + out_w]
+                    g = grad[lo : lo + out_w]
                     a, b = g0[y * wp : y * wp + out_w], g1[y * wp : y * wp + out_w]
-                    for i in range(out_w):
-                        total += g[i]
-                        gs = g[i] * s_c
-                        a[i] = gs if cd[i] & 1 else zero
-                        b[i] = -gs if cd[i] & 2 else zero
-                    if four:
-                        a, b = g2[y * wp : y * wp + out_w], g3[y * wp : y * wp + out_w]
+                    c, d = g2[y * wp : y * wp + out_w], g3[y * wp : y * wp + out_w]
+                    if kind == ANALOG:  # hardtanh_proxy_backward's arithmetic
+                        cd = inside[lo : lo + out_w]
                         for i in range(out_w):
+                            total += g[i]
                             gs = g[i] * s_c
-                            a[i] = -gs if cd[i] & 4 else zero
-                            b[i] = gs if cd[i] & 8 else zero
+                            a[i] = gs if cd[i] & 1 else zero
+                            b[i] = -gs if cd[i] & 2 else zero
+                        if four:
+                            for i in range(out_w):
+                                gs = g[i] * s_c
+                                c[i] = -gs if cd[i] & 4 else zero
+                                d[i] = gs if cd[i] & 8 else zero
+                    else:  # sc_proxy_backward's: z0 and z3 make z+, z1 and z2 make z-
+                        ep, en = e_pos[lo : lo + out_w], e_neg[lo : lo + out_w]
+                        for i in range(out_w):
+                            total += g[i]
+                            gs = g[i] * s_c
+                            a[i] = gs * ep[i]
+                            b[i] = -gs * en[i]
+                        if four:
+                            for i in range(out_w):
+                                c[i] = b[i]
+                                d[i] = a[i]
                 grad_sums[s] = total
                 first = (n * channels_in + (o // per_group_out) * groups_in) * plane
-                for sign in range(2):
+                for sign in range(2):  # w+ meets z0 (x+) and z2 (x-), w- meets z1 and z3
                     for run in range(runs[o, sign]):
                         out4[:] = zero
                         _dot_taps(pos, first, offset[o, sign], run, g0 if sign == 0 else g1,
@@ -250,6 +293,5 @@ def backward(  # type: ignore[no-untyped-def]
                             k = index[o, sign, run * TAPS + i]
                             if k >= 0:
                                 partial[chunk, sign, o, k] += out4[i]
-    for chunk in range(chunks):  # w > 0 takes d/dw+, w < 0 takes -d/dw-
-        grad_w += partial[chunk, 0]
-        grad_w -= partial[chunk, 1]
+    for chunk in range(chunks):
+        grad_w += partial[chunk]
