@@ -61,6 +61,19 @@ class Codes:
     w_pos: torch.Tensor
     w_neg: torch.Tensor
 
+    @classmethod
+    def of(
+        cls,
+        inputs: list[torch.Tensor],
+        step: torch.Tensor,
+        w_pos: torch.Tensor,
+        w_neg: torch.Tensor,
+    ) -> Codes:
+        """From fake-quantized inputs (codes times ``step``, [x+] or [x+, x-]): each over the
+        step, rounded, is its code exactly (the quotient is within a few ulps of it)."""
+        x = [torch.round(t.detach() / step) for t in inputs]
+        return cls(x[0], x[1] if len(x) == 2 else None, w_pos.detach(), w_neg.detach())
+
 
 def usable(geometry: ConvGeometry, kernel: torch.Tensor, *inputs: torch.Tensor) -> bool:
     """Whether the fused node serves these inputs (N, C, H, W) and weights ``kernel``: CPU

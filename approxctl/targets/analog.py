@@ -199,11 +199,7 @@ class AnalogTarget(Target):
         if geometry is None or not fused_conv.usable(geometry, w, *inputs):
             return None
         w_int = q["w"].detach()
-        codes = fused_conv.Codes(  # inputs over their step, rounded: their codes exactly
-            *(torch.round(x.detach() / q["a_step"]) for x in inputs),
-            *([None] if len(inputs) == 1 else []),
-            w_pos=w_int.clamp(min=0), w_neg=(-w_int).clamp(min=0),
-        )  # fmt: skip
+        codes = fused_conv.Codes.of(inputs, q["a_step"], w_int.clamp(min=0), (-w_int).clamp(min=0))
         return fused_conv.fused_conv(
             w.clamp(min=0), (-w).clamp(min=0), inputs[0], inputs[1] if len(inputs) == 2 else None,
             codes, w_int, geometry, fused_conv.Proxy("analog", t=self._clamp_t(layer)),

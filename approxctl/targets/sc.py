@@ -94,11 +94,7 @@ class ScTarget(Target):
         inputs = [q[a] for a in names]
         if geometry is not None and fused_conv.usable(geometry, w_pos, *inputs):
             # a first layer on CPU: accumulations and proxy in one fused node
-            codes = fused_conv.Codes(  # inputs over their step, rounded: their codes exactly
-                *(torch.round(x.detach() / q["a_step"]) for x in inputs),
-                *([None] if len(inputs) == 1 else []),
-                w_pos=q["w_pos"].detach(), w_neg=q["w_neg"].detach(),
-            )  # fmt: skip
+            codes = fused_conv.Codes.of(inputs, q["a_step"], q["w_pos"], q["w_neg"])
             return fused_conv.fused_conv(
                 w_pos, w_neg, inputs[0], inputs[1] if len(inputs) == 2 else None, codes,
                 (self.config.gain * layer.weight).detach(), geometry,
