@@ -112,16 +112,19 @@ def test_float_fallback_proves_large_bounds_exact_in_float32(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Non-negative products whose bound passes 2^24 but whose sums stay below it (analog's
-    trained layers) cost one float32 convolution; sums that reach 2^24 are redone in float64."""
+    trained layers) cost one float32 convolution, whether 255 times the weight codes' sums
+    proves it or the float32 total does; sums that reach 2^24 are redone in float64."""
     dtypes = _float_convs(monkeypatch)
     gen = torch.Generator().manual_seed(4)
     conv = ConvGeometry((1, 1), (2, 2), (1, 1), 1)
     codes = torch.randint(0, 40, (2, 32, 8, 8), generator=gen, dtype=torch.uint8)
     w_codes = torch.randint(0, 128, (4, 32, 5, 5), generator=gen, dtype=torch.int8)
-    got = exact_sums(codes, 0, w_codes, conv, bound=255 * 127 * 800)
-    want = torch.conv2d(codes.double(), w_codes.double(), None, *conv.args)
-    assert float(want.max()) < 2**24 and torch.equal(got, want.float())
-    assert dtypes == [torch.float32]
+    for weights in (w_codes, w_codes.clamp(min=110)):  # weight sums * 255 below, above 2^24
+        dtypes.clear()
+        got = exact_sums(codes, 0, weights, conv, bound=255 * 127 * 800)
+        want = torch.conv2d(codes.double(), weights.double(), None, *conv.args)
+        assert float(want.max()) < 2**24 and torch.equal(got, want.float())
+        assert dtypes == [torch.float32]
 
     dtypes.clear()
     big = torch.full_like(codes, 255)
