@@ -29,7 +29,16 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from approxctl.backends.cpu_pointwise import BLOCK, CHUNKS, _blocks, _exp_neg, _write_output
+from approxctl.backends.cpu_pointwise import (
+    BLOCK,
+    CHUNKS,
+    _blocks,
+    _exp_neg,
+    _write_output,
+    hardtanh_activation,
+    hardtanh_gradients,
+    sc_gradients,
+)
 from approxctl.backends.numba_cache import process_safe
 
 ANALOG = 0
@@ -72,30 +81,31 @@ def taps(w, plane, wp, dy, dx):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always")
-def _add_taps(x, first, offset, weight, run, z):  # type: ignore[no-untyped-def]
-    """z += the TAPS positions of ``run`` of x (padded zero weights add zeros: x is finite)."""
-    length = z.shape[0]
+def _run(x, first, offset, run, length):  # type: ignore[no-untyped-def]
+    """The wide input runs of the TAPS positions of ``run`` (x finite: a padding position of
+    weight zero then adds zero)."""
     base = run * TAPS
     o0, o1 = first + offset[base], first + offset[base + 1]
     o2, o3 = first + offset[base + 2], first + offset[base + 3]
+    return x[o0 : o0 + length], x[o1 : o1 + length], x[o2 : o2 + length], x[o3 : o3 + length]
+
+
+@numba.njit(inline="always")
+def _add_taps(x, first, offset, weight, run, z):  # type: ignore[no-untyped-def]
+    """z += the weighted TAPS positions of ``run`` of x."""
+    x0, x1, x2, x3 = _run(x, first, offset, run, z.shape[0])
+    base = run * TAPS
     w0, w1, w2, w3 = weight[base], weight[base + 1], weight[base + 2], weight[base + 3]
-    x0, x1 = x[o0 : o0 + length], x[o1 : o1 + length]
-    x2, x3 = x[o2 : o2 + length], x[o3 : o3 + length]
-    for j in range(length):
+    for j in range(z.shape[0]):
         z[j] += x0[j] * w0 + x1[j] * w1 + x2[j] * w2 + x3[j] * w3
 
 
 @numba.njit(inline="always")
 def _dot_taps(x, first, offset, run, g, out4):  # type: ignore[no-untyped-def]
     """out4[i] += dot(x at the i-th position of ``run``, g) over the wide output."""
-    length = g.shape[0]
-    base = run * TAPS
-    o0, o1 = first + offset[base], first + offset[base + 1]
-    o2, o3 = first + offset[base + 2], first + offset[base + 3]
-    x0, x1 = x[o0 : o0 + length], x[o1 : o1 + length]
-    x2, x3 = x[o2 : o2 + length], x[o3 : o3 + length]
+    x0, x1, x2, x3 = _run(x, first, offset, run, g.shape[0])
     t0 = t1 = t2 = t3 = np.float32(0.0)
-    for j in range(length):
+    for j in range(g.shape[0]):
         t0 += x0[j] * g[j]
         t1 += x1[j] * g[j]
         t2 += x2[j] * g[j]
@@ -166,8 +176,8 @@ def forward(  # type: ignore[no-untyped-def]
                     vs = v[base + y * out_w : base + (y + 1) * out_w]
                     at = s * inner + y * out_w
                     if kind == ANALOG:
-                        _hardtanh_row(z0[row:], z1[row:], z2[row:], z3[row:], four, limit,
-                                      vs, inside[at : at + out_w])  # fmt: skip
+                        hardtanh_activation(z0[row:], z1[row:], z2[row:], z3[row:], four, limit,
+                                            vs, inside[at : at + out_w])  # fmt: skip
                     else:
                         _sc_row(z0[row:], z1[row:], z2[row:], z3[row:], four, unit, vs,
                                 e_pos[at : at + out_w], e_neg[at : at + out_w])  # fmt: skip
@@ -178,21 +188,6 @@ def forward(  # type: ignore[no-untyped-def]
                 _write_output(v[at : at + stop - start], start, noise, key, mu_coef, sigma_coef,
                               lo, hi, bounds, table, shift, t, err, hashes, scale, bias, seg,
                               inner, out[start:stop])  # fmt: skip
-
-
-@numba.njit(inline="always")
-def _hardtanh_row(z0, z1, z2, z3, four, limit, v, code):  # type: ignore[no-untyped-def]
-    """One output row of ``hardtanh_proxy_forward``'s activation and masks (same arithmetic)."""
-    zero = np.float32(0.0)
-    for i in range(v.shape[0]):
-        a, b = z0[i], z1[i]
-        v[i] = min(max(a, zero), limit) - min(max(b, zero), limit)
-        code[i] = np.uint8((1 if zero <= a <= limit else 0) | (2 if zero <= b <= limit else 0))
-    if four:
-        for i in range(v.shape[0]):
-            a, b = z2[i], z3[i]
-            v[i] += min(max(b, zero), limit) - min(max(a, zero), limit)
-            code[i] |= np.uint8((4 if zero <= a <= limit else 0) | (8 if zero <= b <= limit else 0))
 
 
 @numba.njit(inline="always")
@@ -257,28 +252,14 @@ def backward(  # type: ignore[no-untyped-def]
                     a, b = g0[y * wp : y * wp + out_w], g1[y * wp : y * wp + out_w]
                     c, d = g2[y * wp : y * wp + out_w], g3[y * wp : y * wp + out_w]
                     if kind == ANALOG:  # hardtanh_proxy_backward's arithmetic
-                        cd = inside[lo : lo + out_w]
-                        for i in range(out_w):
-                            total += g[i]
-                            gs = g[i] * s_c
-                            a[i] = gs if cd[i] & 1 else zero
-                            b[i] = -gs if cd[i] & 2 else zero
-                        if four:
-                            for i in range(out_w):
-                                gs = g[i] * s_c
-                                c[i] = -gs if cd[i] & 4 else zero
-                                d[i] = gs if cd[i] & 8 else zero
+                        total += hardtanh_gradients(g, inside[lo : lo + out_w], s_c, four, a, b,
+                                                    c, d)  # fmt: skip
                     else:  # sc_proxy_backward's: z0 and z3 make z+, z1 and z2 make z-
-                        ep, en = e_pos[lo : lo + out_w], e_neg[lo : lo + out_w]
-                        for i in range(out_w):
-                            total += g[i]
-                            gs = g[i] * s_c
-                            a[i] = gs * ep[i]
-                            b[i] = -gs * en[i]
+                        total += sc_gradients(g, e_pos[lo : lo + out_w], e_neg[lo : lo + out_w],
+                                              s_c, a, b)  # fmt: skip
                         if four:
-                            for i in range(out_w):
-                                c[i] = b[i]
-                                d[i] = a[i]
+                            c[:] = b
+                            d[:] = a
                 grad_sums[s] = total
                 first = (n * channels_in + (o // per_group_out) * groups_in) * plane
                 for sign in range(2):  # w+ meets z0 (x+) and z2 (x-), w- meets z1 and z3

@@ -382,17 +382,60 @@ def sc_proxy_backward(grad, e_pos, e_neg, scale, inner, grad_pos, grad_neg, grad
                 s_c = scale[c]
             continue
         for seg in range(first, last):
-            s_c = scale[seg % channels]
             lo, hi = seg * inner, seg * inner + inner
-            g, ep, en = grad[lo:hi], e_pos[lo:hi], e_neg[lo:hi]
-            gp, gn = grad_pos[lo:hi], grad_neg[lo:hi]
-            total = np.float32(0.0)
-            for i in range(inner):
-                total += g[i]
-                gs = g[i] * s_c
-                gp[i] = gs * ep[i]
-                gn[i] = -gs * en[i]
-            grad_sums[seg] = total
+            grad_sums[seg] = sc_gradients(
+                grad[lo:hi], e_pos[lo:hi], e_neg[lo:hi], scale[seg % channels],
+                grad_pos[lo:hi], grad_neg[lo:hi],
+            )  # fmt: skip
+
+
+@numba.njit(inline="always")
+def hardtanh_activation(z0, z1, z2, z3, four, limit, v, code):  # type: ignore[no-untyped-def]
+    """Analog_act over the first ``v.shape[0]`` elements (the z's may be longer):
+    v = clamp(z0, 0, T) - clamp(z1, 0, T) [- clamp(z2, 0, T) + clamp(z3, 0, T) with ``four``],
+    ``code`` bit j set where 0 <= z_j <= T. Shared by every kernel that computes it, so they
+    agree bit for bit."""
+    zero = np.float32(0.0)
+    for i in range(v.shape[0]):
+        a, b = z0[i], z1[i]
+        v[i] = min(max(a, zero), limit) - min(max(b, zero), limit)
+        code[i] = np.uint8((1 if zero <= a <= limit else 0) | (2 if zero <= b <= limit else 0))
+    if four:
+        for i in range(v.shape[0]):
+            a, b = z2[i], z3[i]
+            v[i] += min(max(b, zero), limit) - min(max(a, zero), limit)
+            code[i] |= np.uint8((4 if zero <= a <= limit else 0) | (8 if zero <= b <= limit else 0))
+
+
+@numba.njit(inline="always")
+def hardtanh_gradients(g, code, s_c, four, g0, g1, g2, g3):  # type: ignore[no-untyped-def]
+    """d/dz_j = +-g * s_c where bit j of ``code`` is set (the forward's signs), else 0, over
+    ``g``'s length (g2, g3 only with ``four``); returns the sum of g."""
+    zero = np.float32(0.0)
+    total = zero
+    for i in range(g.shape[0]):
+        total += g[i]
+        gs = g[i] * s_c
+        g0[i] = gs if code[i] & 1 else zero
+        g1[i] = -gs if code[i] & 2 else zero
+    if four:
+        for i in range(g.shape[0]):
+            gs = g[i] * s_c
+            g2[i] = -gs if code[i] & 4 else zero
+            g3[i] = gs if code[i] & 8 else zero
+    return total
+
+
+@numba.njit(inline="always")
+def sc_gradients(g, e_pos, e_neg, s_c, g_pos, g_neg):  # type: ignore[no-untyped-def]
+    """d/dz+ = g * s_c * e+, d/dz- = -g * s_c * e- over ``g``'s length; returns the sum of g."""
+    total = np.float32(0.0)
+    for i in range(g.shape[0]):
+        total += g[i]
+        gs = g[i] * s_c
+        g_pos[i] = gs * e_pos[i]
+        g_neg[i] = -gs * e_neg[i]
+    return total
 
 
 @process_safe
@@ -415,7 +458,6 @@ def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
     # Few chunks, each allocating its scratch once: an allocation per block costs more than a
     # small block's work. Chunking does not change results.
     chunks = min(blocks, CHUNKS)
-    zero = np.float32(0.0)
     for chunk in numba.prange(chunks):
         v = np.empty(BLOCK, dtype=np.float32)
         t = np.empty(BLOCK, dtype=np.float32)
@@ -427,20 +469,9 @@ def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
             for start in range(seg * inner, end, BLOCK):
                 stop = min(end, start + BLOCK)
                 m = stop - start
-                a, b, code = z0[start:stop], z1[start:stop], inside[start:stop]
-                for i in range(m):
-                    v[i] = min(max(a[i], zero), limit) - min(max(b[i], zero), limit)
-                    code[i] = np.uint8(
-                        (1 if zero <= a[i] <= limit else 0) | (2 if zero <= b[i] <= limit else 0)
-                    )
-                if four:
-                    a, b = z2[start:stop], z3[start:stop]
-                    for i in range(m):
-                        v[i] += min(max(b[i], zero), limit) - min(max(a[i], zero), limit)
-                        code[i] |= np.uint8(
-                            (4 if zero <= a[i] <= limit else 0)
-                            | (8 if zero <= b[i] <= limit else 0)
-                        )
+                hardtanh_activation(z0[start:stop], z1[start:stop], z2[start:stop],
+                                    z3[start:stop], four, limit, v[:m],
+                                    inside[start:stop])  # fmt: skip
                 os_ = out[start:stop]
                 _write_output(v[:m], start, noise, key, mu_coef, sigma_coef, lo, hi, bounds,
                               table, shift, t, err, hashes, scale, bias, seg, inner,
@@ -478,23 +509,11 @@ def hardtanh_proxy_backward(grad, inside, scale, inner, g0, g1, g2, g3, four, gr
                 s_c = scale[c]
             continue
         for seg in range(first, last):
-            s_c = scale[seg % channels]
             lo, hi = seg * inner, seg * inner + inner
-            g, code = grad[lo:hi], inside[lo:hi]
-            a, b = g0[lo:hi], g1[lo:hi]
-            total = zero
-            for i in range(inner):
-                total += g[i]
-                gs = g[i] * s_c
-                a[i] = gs if code[i] & 1 else zero
-                b[i] = -gs if code[i] & 2 else zero
-            if four:
-                a, b = g2[lo:hi], g3[lo:hi]
-                for i in range(inner):
-                    gs = g[i] * s_c
-                    a[i] = -gs if code[i] & 4 else zero
-                    b[i] = gs if code[i] & 8 else zero
-            grad_sums[seg] = total
+            grad_sums[seg] = hardtanh_gradients(
+                grad[lo:hi], inside[lo:hi], scale[seg % channels], four, g0[lo:hi], g1[lo:hi],
+                g2[lo:hi], g3[lo:hi],
+            )  # fmt: skip
 
 
 @process_safe
