@@ -13,7 +13,8 @@ The four sums: z0 = x+ . w+, z1 = x+ . w-, z2 = x- . w+, z3 = x- . w- (the last 
 signed input, ``four``). ``kind`` picks the proxy:
 * ``ANALOG``: ``hardtanh_proxy_forward`` of (z0, z1, z2, z3): output and a byte of masks;
 * ``SC``: ``sc_proxy_forward`` of z+ = (z0 + z3) * unit, z- = (z1 + z2) * unit (the streams
-  [x+, x-] against [w+, w-] and [w-, w+]): output and e+- = exp(-z+-).
+  [x+, x-] against [w+, w-] and [w-, w+]; the forward sums each stream in one accumulator):
+  output and e+- = exp(-z+-).
 
 Layout: inputs are zero-padded planes with one spare row, so output position ``y * Wp + x`` of a
 "wide" output ``Ho x Wp`` (``Wp`` the padded width, columns ``x >= Wo`` discarded) reads input
@@ -163,7 +164,12 @@ def forward(  # type: ignore[no-untyped-def]
                     _add_taps(pos, first, offset[o, 0], weight[o, 0], run, z0)
                 for run in range(runs[o, 1]):
                     _add_taps(pos, first, offset[o, 1], weight[o, 1], run, z1)
-                if four:
+                if four and kind == SC:  # sc adds z3 to z0 and z2 to z1: sum them there
+                    for run in range(runs[o, 1]):
+                        _add_taps(neg, first, offset[o, 1], weight[o, 1], run, z0)
+                    for run in range(runs[o, 0]):
+                        _add_taps(neg, first, offset[o, 0], weight[o, 0], run, z1)
+                elif four:
                     z2[:] = zero
                     z3[:] = zero
                     for run in range(runs[o, 0]):
@@ -179,8 +185,8 @@ def forward(  # type: ignore[no-untyped-def]
                         hardtanh_activation(z0[row:], z1[row:], z2[row:], z3[row:], four, limit,
                                             vs, inside[at : at + out_w])  # fmt: skip
                     else:
-                        _sc_row(z0[row:], z1[row:], z2[row:], z3[row:], four, unit, vs,
-                                e_pos[at : at + out_w], e_neg[at : at + out_w])  # fmt: skip
+                        _sc_row(z0[row:], z1[row:], unit, vs, e_pos[at : at + out_w],
+                                e_neg[at : at + out_w])  # fmt: skip
             end = last * inner
             for start in range(seg * inner, end, BLOCK):
                 stop = min(end, start + BLOCK)
@@ -191,16 +197,12 @@ def forward(  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always")
-def _sc_row(z0, z1, z2, z3, four, unit, v, e_pos, e_neg):  # type: ignore[no-untyped-def]
-    """One output row of ``sc_proxy_forward``'s activation and e+- (same arithmetic), the
-    exact sums of each stream added first."""
+def _sc_row(z_pos, z_neg, unit, v, e_pos, e_neg):  # type: ignore[no-untyped-def]
+    """One output row of ``sc_proxy_forward``'s activation and e+- (same arithmetic) from the
+    streams' exact sums."""
     for i in range(v.shape[0]):
-        zp, zn = z0[i], z1[i]
-        if four:
-            zp += z3[i]
-            zn += z2[i]
-        a = _exp_neg(zp * unit)
-        b = _exp_neg(zn * unit)
+        a = _exp_neg(z_pos[i] * unit)
+        b = _exp_neg(z_neg[i] * unit)
         e_pos[i] = a
         e_neg[i] = b
         v[i] = b - a
