@@ -164,18 +164,15 @@ def forward(  # type: ignore[no-untyped-def]
                     _add_taps(pos, first, offset[o, 0], weight[o, 0], run, z0)
                 for run in range(runs[o, 1]):
                     _add_taps(pos, first, offset[o, 1], weight[o, 1], run, z1)
-                if four and kind == SC:  # sc adds z3 to z0 and z2 to z1: sum them there
-                    for run in range(runs[o, 1]):
-                        _add_taps(neg, first, offset[o, 1], weight[o, 1], run, z0)
+                if four:  # x-'s sums: analog keeps them apart; sc adds z2 to z1, z3 to z0
+                    with_pos, with_neg = (z1, z0) if kind == SC else (z2, z3)
+                    if kind != SC:
+                        z2[:] = zero
+                        z3[:] = zero
                     for run in range(runs[o, 0]):
-                        _add_taps(neg, first, offset[o, 0], weight[o, 0], run, z1)
-                elif four:
-                    z2[:] = zero
-                    z3[:] = zero
-                    for run in range(runs[o, 0]):
-                        _add_taps(neg, first, offset[o, 0], weight[o, 0], run, z2)
+                        _add_taps(neg, first, offset[o, 0], weight[o, 0], run, with_pos)
                     for run in range(runs[o, 1]):
-                        _add_taps(neg, first, offset[o, 1], weight[o, 1], run, z3)
+                        _add_taps(neg, first, offset[o, 1], weight[o, 1], run, with_neg)
                 base = (s - seg) * inner
                 for y in range(out_h):
                     row = y * wp

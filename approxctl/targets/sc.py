@@ -103,7 +103,7 @@ class ScTarget(Target):
             )  # fmt: skip
         # The terms above as one input, K = [x+, x-] within each group, and the two streams'
         # weights: one accumulate_pair (the first layer's weight gradients by one GEMM each).
-        x = layer.group_concat([q[a] for a in names])
+        x = layer.group_concat(inputs)
         stream_w = [torch.cat([w for _, w in terms], 1) for terms in (pos_terms, neg_terms)]
         codes = None
         if "a_codes" in q:  # inject mode on CPU: the sums as exact integer convolutions
