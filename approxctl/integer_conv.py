@@ -69,11 +69,16 @@ def exact_sums(
     w_codes: torch.Tensor,
     geometry: ConvGeometry,
     bound: int,
+    code_max: int = 255,
 ) -> torch.Tensor:
     """``conv2d(codes - zero_point, w_codes)`` as float32 values of the exact integer sums
-    (rounded once, to nearest even, where they exceed 2^24). ``codes`` uint8 (N, C, H, W),
-    ``w_codes`` int8 (O, C / groups, kh, kw); ``bound`` >= every |sum| of |products|, which
-    decides whether the float32 fallback is exact. The result may be channels-last.
+    (rounded once, to nearest even, where they exceed 2^24). ``codes`` uint8 (N, C, H, W) in
+    [0, ``code_max``], ``w_codes`` int8 (O, C / groups, kh, kw); ``bound`` >= every |sum| of
+    |products|, which decides whether the float32 fallback is exact. The result may be
+    channels-last.
+
+    oneDNN's int8 convolution runs it where it is exact for these operands
+    (``cpu_int8.exact_for``: with VNNI always, else while pairs of products fit 16 bits).
 
     Without the int8 convolution, sums that may pass 2^24 still run in float32 first when every
     product is non-negative (no zero point, weight codes >= 0: sc's and analog's per-sign
@@ -85,7 +90,7 @@ def exact_sums(
     every sum too: where it is below 2^24 (trained weights' usually are), the float32
     convolution needs no check of its output.
     """
-    if cpu_int8.available():
+    if cpu_int8.exact_for(code_max, magnitude_max(w_codes)):
         return cpu_int8.conv2d(codes, zero_point, w_codes, *geometry.args)
     if bound < _FLOAT32_EXACT:
         return _conv_of_ints(codes, zero_point, w_codes, geometry, torch.float32)
@@ -98,6 +103,11 @@ def exact_sums(
         if float(sums.max()) < _FLOAT32_EXACT:
             return sums
     return _conv_of_ints(codes, zero_point, w_codes, geometry, torch.float64).to(torch.float32)
+
+
+def magnitude_max(w_codes: torch.Tensor) -> int:
+    """The largest |code| of int8 weights (128 for -128)."""
+    return max(int(w_codes.max()), -int(w_codes.min()), 0)
 
 
 def _conv_of_ints(
@@ -165,14 +175,16 @@ def integer_sums_nchw(
     out_scale: float,
     geometry: ConvGeometry,
     bound: int,
+    code_max: int = 255,
 ) -> torch.Tensor:
     """``exact_sums(codes, 0, w_codes) * out_scale`` as a contiguous (N, C, H, W) float32
     tensor, whatever memory order the convolution wrote."""
-    if not cpu_int8.available() and bound < _FLOAT32_EXACT and math.frexp(out_scale)[0] == 0.5:
-        # sc without VNNI: a power-of-two scale folded into the float32 weights keeps every
-        # product and partial sum exact, and saves the output pass below
+    int8 = cpu_int8.exact_for(code_max, magnitude_max(w_codes))
+    if not int8 and bound < _FLOAT32_EXACT and math.frexp(out_scale)[0] == 0.5:
+        # a power-of-two scale (sc's) folded into the float32 weights keeps every product and
+        # partial sum exact, and saves the output pass below
         return _conv_of_ints(codes, 0, w_codes, geometry, torch.float32, out_scale).contiguous()
-    acc = exact_sums(codes, 0, w_codes, geometry, bound)
+    acc = exact_sums(codes, 0, w_codes, geometry, bound, code_max)
     if out_scale == 1.0 and acc.is_contiguous():  # analog's sums from a float32 convolution
         return acc  # (no VNNI): already the values, in order; the pass below would copy them
     if not (acc.is_contiguous() or acc.is_contiguous(memory_format=torch.channels_last)):
@@ -194,19 +206,80 @@ def integer_sums_nchw(
 @dataclass(frozen=True)
 class PairCodes:
     """The integer operands of a positive- and a negative-weight accumulation of one input:
-    ``x`` uint8 codes, ``w_pos`` / ``w_neg`` int8 codes (both >= 0), ``bound`` as in
-    ``exact_sums``; ``out_scale`` = the float operands over their codes (x / x codes * w / w
-    codes), so the sums times it are the float accumulations up to rounding."""
+    ``x`` uint8 codes in [0, ``code_max``], ``w_pos`` / ``w_neg`` int8 codes (both >= 0),
+    ``bound`` as in ``exact_sums``; ``out_scale`` = the float operands over their codes (x / x
+    codes * w / w codes), so the sums times it are the float accumulations up to rounding."""
 
     x: torch.Tensor
     w_pos: torch.Tensor
     w_neg: torch.Tensor
     out_scale: float
     bound: int
+    code_max: int = 255
 
     def sums(self, geometry: ConvGeometry) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both accumulations' values, as ``integer_sums_nchw``."""
+        """Both accumulations' values, as ``integer_sums_nchw`` gives them: by one int8
+        convolution of both weight signs where that is exact, else one convolution each."""
+        both = self._int8_pair(geometry)
+        if both is not None:
+            return both
         return (
-            integer_sums_nchw(self.x, self.w_pos, self.out_scale, geometry, self.bound),
-            integer_sums_nchw(self.x, self.w_neg, self.out_scale, geometry, self.bound),
-        )
+            integer_sums_nchw(self.x, self.w_pos, self.out_scale, geometry, self.bound,
+                              self.code_max),
+            integer_sums_nchw(self.x, self.w_neg, self.out_scale, geometry, self.bound,
+                              self.code_max),
+        )  # fmt: skip
+
+    def _int8_pair(self, geometry: ConvGeometry) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Both sums from one int8 convolution over [w+; w-] (sums as ``exact_sums`` rounds
+        them), or None where the CPU cannot compute it exactly.
+
+        Without VNNI, analog's operands (codes to 255, weights to 127) overflow the 16-bit pair
+        sums (``cpu_int8``); weights in [0, w_max] shifted to [-s, w_max - s], s = ceil(w_max
+        / 2), halve the largest product, and ``s`` times each window's sum of codes (a
+        one-channel convolution per group) is added back in the output pass. Both terms are
+        exact in float32 (checked: ``code_max * s * K < 2^24``), so their sum is the exact sum
+        rounded once."""
+        w_max = max(magnitude_max(self.w_pos), magnitude_max(self.w_neg))
+        groups = geometry.groups  # each group's output channels: its w+ ones, then its w- ones
+        weights = torch.cat(
+            [self.w_pos.unflatten(0, (groups, -1)), self.w_neg.unflatten(0, (groups, -1))], 1
+        ).flatten(0, 1)
+        shift = 0
+        if not cpu_int8.exact_for(self.code_max, w_max):
+            shift = (w_max + 1) // 2
+            reduction = self.w_pos[0].numel()
+            if not cpu_int8.exact_for(self.code_max, shift) or (
+                self.code_max * shift * reduction >= _FLOAT32_EXACT
+            ):
+                return None
+            weights = (weights.to(torch.int16) - shift).to(torch.int8)
+        acc = cpu_int8.conv2d(self.x, 0, weights, *geometry.args)
+        window = _window_sums(self.x, self.w_pos.shape[2:], geometry) if shift else None
+        samples, channels, height, width = acc.shape
+        stride_n, stride_c, _, stride_w = acc.stride()  # either order: pixel p at p * stride_w
+        out_pos = torch.empty(samples, channels // 2, height, width)
+        out_neg = torch.empty(out_pos.shape)
+        cpu_codes.pair_outputs(
+            acc.as_strided((acc.numel(),), (1,)).numpy(), stride_n, stride_c, stride_w,
+            samples, height * width, _EMPTY_F32 if window is None else _flat(window),
+            geometry.groups, np.float32(shift), np.float32(self.out_scale), _flat(out_pos),
+            _flat(out_neg),
+        )  # fmt: skip
+        return out_pos, out_neg
+
+
+_EMPTY_F32 = np.empty(0, dtype=np.float32)
+
+
+def _window_sums(codes: torch.Tensor, kernel: torch.Size, geometry: ConvGeometry) -> torch.Tensor:
+    """Each output position's sum of the codes its window reads, over its group's channels:
+    (N, groups, Ho, Wo) float32, exact (at most 255 * K)."""
+    samples, channels, height, width = codes.shape
+    groups = geometry.groups
+    per_group = codes.reshape(samples, groups, channels // groups, height, width).sum(
+        2, dtype=torch.float32
+    )
+    ones = torch.ones(groups, 1, *kernel)
+    stride, padding, dilation, _ = geometry.args
+    return F.conv2d(per_group, ones, None, stride, padding, dilation, groups).contiguous()

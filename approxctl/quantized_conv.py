@@ -47,23 +47,33 @@ def _flat(t: torch.Tensor) -> np.ndarray:
 _ZERO_POINT = 128  # codes q + 128 in [1, 255]: oneDNN's int8 convolution takes unsigned inputs
 
 
+def _zero_point(x: torch.Tensor) -> int:
+    """0 for an input with no negative value (after a ReLU: every layer but a first), so its
+    codes stay within [0, 127], where oneDNN's int8 convolution is exact without VNNI too
+    (``cpu_int8.exact_for``); else ``_ZERO_POINT``. The sums do not depend on it."""
+    return 0 if bool(x.min() >= 0) else _ZERO_POINT
+
+
 class _QuantizedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_q, w_scale, bias, step, qmax, geometry, noise, keep_input):  # type: ignore[no-untyped-def]
         x = x.contiguous()
+        zero_point = _zero_point(x)
         codes = torch.empty(x.shape, dtype=torch.uint8)
         inside = torch.empty(x.shape, dtype=torch.uint8)
         nans = cpu_codes.quantize_codes(
             _flat(x), np.float32(1.0) / np.float32(step), np.float32(-qmax), np.float32(qmax),
-            np.int32(_ZERO_POINT), _flat(codes), _flat(inside),
+            np.int32(zero_point), _flat(codes), _flat(inside),
         )  # fmt: skip
         w_q = w_q.detach()
         conv = geometry.args
         if nans == 0:
             bound = qmax**2 * w_q[0].numel()
-            acc = exact_sums(codes, _ZERO_POINT, w_q.to(torch.int8), geometry, bound)
+            acc = exact_sums(
+                codes, zero_point, w_q.to(torch.int8), geometry, bound, code_max=zero_point + qmax
+            )
         else:  # a diverged input stays NaN in the outputs that see it, as in float
-            ints = codes.to(torch.float32).sub_(_ZERO_POINT)
+            ints = codes.to(torch.float32).sub_(zero_point)
             ints[torch.isnan(x)] = float("nan")
             acc = F.conv2d(ints, w_q, None, *conv)
         if not (acc.is_contiguous() or acc.is_contiguous(memory_format=torch.channels_last)):
@@ -83,6 +93,7 @@ class _QuantizedConv(torch.autograd.Function):
         else:  # the mask only where the input wants a gradient (a network's input does not)
             ctx.save_for_backward(codes, inside if ctx.needs_input_grad[0] else None, w_q, w_scale)
         ctx.step, ctx.qmax, ctx.conv, ctx.keep_input = step, qmax, conv, keep_input
+        ctx.zero_point = zero_point
         return out
 
     @staticmethod
@@ -98,7 +109,7 @@ class _QuantizedConv(torch.autograd.Function):
                 np.float32(ctx.qmax), _flat(x_q), _flat(inside),
             )  # fmt: skip
         else:
-            cpu_codes.dequantize_codes(_flat(codes), _ZERO_POINT, step, _flat(x_q))
+            cpu_codes.dequantize_codes(_flat(codes), ctx.zero_point, step, _flat(x_q))
         w_scale = w_scale.view(-1, *([1] * (w_q.dim() - 1)))
         stride, padding, dilation, groups = ctx.conv
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(

@@ -4,6 +4,8 @@ gradients, on the int8 path and on both fallbacks."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,8 @@ from approxctl.layers import ApproxConv2d
 from approxctl.proxy_ops import fake_quant
 from approxctl.sign_pair import sign_pair
 
+Int8Path = Callable[[str], None]  # the conftest fixture
+
 # (batch, in, out, size, kernel, stride, padding, dilation, groups)
 GEOMETRIES = [
     (4, 3, 8, 10, 3, 1, 1, 1, 1),
@@ -24,13 +28,7 @@ GEOMETRIES = [
     (2, 8, 8, 7, 3, 1, 0, 1, 8),  # depthwise, no padding
     (2, 4, 5, 3, 3, 1, 0, 1, 1),  # a 1x1 output map
 ]
-PATHS = ["int8", "float fallback"]
-
-
-def _path(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    if name == "int8" and not cpu_int8.available():
-        pytest.skip("no exact oneDNN int8 convolution on this CPU (no VNNI)")
-    monkeypatch.setattr(cpu_int8, "available", lambda: name == "int8")
+PATHS = ["int8", "int8 pair-bounded", "float fallback"]  # conftest.int8_path
 
 
 def _geometry(g: tuple[int, ...]) -> ConvGeometry:
@@ -41,9 +39,9 @@ def _geometry(g: tuple[int, ...]) -> ConvGeometry:
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_exact_sums_are_the_integer_sums(
-    geometry: tuple[int, ...], path: str, monkeypatch: pytest.MonkeyPatch
+    geometry: tuple[int, ...], path: str, int8_path: Int8Path
 ) -> None:
-    _path(path, monkeypatch)
+    int8_path(path)
     n, c, o, size, k = geometry[:5]
     gen = torch.Generator().manual_seed(sum(geometry))
     codes = torch.randint(0, 256, (n, c, size, size), generator=gen, dtype=torch.uint8)
@@ -58,11 +56,11 @@ def test_exact_sums_are_the_integer_sums(
 @pytest.mark.parametrize("out_scale", [1.0, 2.0**-10, 0.3])
 @pytest.mark.parametrize("geometry", GEOMETRIES[:3])
 def test_integer_sums_nchw_are_the_exact_sums_times_the_scale(
-    geometry: tuple[int, ...], out_scale: float, path: str, monkeypatch: pytest.MonkeyPatch
+    geometry: tuple[int, ...], out_scale: float, path: str, int8_path: Int8Path
 ) -> None:
     """Every route (int8; float32 with the scale folded into the weights for a power of two;
     float32 then the output pass) gives float32(sum) * float32(out_scale), NCHW contiguous."""
-    _path(path, monkeypatch)
+    int8_path(path)
     n, c, o, size, k = geometry[:5]
     gen = torch.Generator().manual_seed(sum(geometry))
     codes = torch.randint(0, 33, (n, c, size, size), generator=gen, dtype=torch.uint8)
@@ -75,12 +73,10 @@ def test_integer_sums_nchw_are_the_exact_sums_times_the_scale(
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_sums_past_2_24_are_rounded_once_on_every_path(
-    path: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_sums_past_2_24_are_rounded_once_on_every_path(path: str, int8_path: Int8Path) -> None:
     """Analog's sums reach 255 x 127 x K: above 2^24 the float32 fallback would round every
     partial sum, so it must switch to float64 and round once, as the int8 path does."""
-    _path(path, monkeypatch)
+    int8_path(path)
     gen = torch.Generator().manual_seed(2)
     codes = torch.randint(200, 256, (2, 64, 9, 9), generator=gen, dtype=torch.uint8)
     w_codes = torch.randint(90, 128, (6, 64, 5, 5), generator=gen, dtype=torch.int8)
@@ -93,10 +89,81 @@ def test_sums_past_2_24_are_rounded_once_on_every_path(
     assert torch.equal(got, want.float())
 
 
+# (code_max, weight_max): analog's operands (shifted weights without VNNI), sc's, and
+# products that fit 16-bit pairs as they are
+PAIR_OPERANDS = [(255, 127), (32, 32), (255, 64), (200, 1)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("code_max", "weight_max"), PAIR_OPERANDS)
+@pytest.mark.parametrize("out_scale", [1.0, 2.0**-10, 0.3])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_pair_sums_are_both_exact_sums_times_the_scale(
+    geometry: tuple[int, ...], out_scale: float, code_max: int, weight_max: int, path: str,
+    int8_path: Int8Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """PairCodes.sums, by one int8 convolution of [w+; w-] (shifted to [-64, 63] for analog's
+    operands without VNNI, the window sums added back) or by one convolution per sign, gives
+    float32(sum) * float32(out_scale) for both signs, NCHW contiguous, grouped convs included."""
+    int8_path(path)
+    n, c, o, size, k = geometry[:5]
+    gen = torch.Generator().manual_seed(sum(geometry) + code_max + weight_max)
+    codes = torch.randint(0, code_max + 1, (n, c, size, size), generator=gen, dtype=torch.uint8)
+    codes.view(-1)[::5] = code_max  # extremes: the largest products
+    signed = torch.randint(
+        -weight_max, weight_max + 1, (o, c // geometry[8], k, k), generator=gen, dtype=torch.int16
+    )
+    signed.view(-1)[::3] = weight_max
+    signed.view(-1)[1::7] = -weight_max
+    w_pos, w_neg = signed.clamp(min=0).to(torch.int8), (-signed).clamp(min=0).to(torch.int8)
+    conv = _geometry(geometry)
+    convs = []
+    real = cpu_int8.conv2d
+
+    def spy(codes: torch.Tensor, zero_point: int, weight: torch.Tensor, *args: object) -> object:
+        convs.append(weight)
+        return real(codes, zero_point, weight, *args)
+
+    monkeypatch.setattr(cpu_int8, "conv2d", spy)
+    pair = PairCodes(codes, w_pos, w_neg, out_scale, code_max * weight_max * signed[0].numel(),
+                     code_max)  # fmt: skip
+    got = pair.sums(conv)
+    for out, w in zip(got, (w_pos, w_neg), strict=True):
+        sums = F.conv2d(codes.double(), w.double(), None, *conv.args).float()
+        assert out.is_contiguous()
+        assert torch.equal(out, sums * torch.tensor(out_scale, dtype=torch.float32))
+    if path == "float fallback":
+        assert not convs
+    else:  # one convolution for both signs, its weights within the pair bound
+        assert len(convs) == 1 and convs[0].shape[0] == 2 * o
+        assert 2 * code_max * integer_conv.magnitude_max(convs[0]) <= cpu_int8.PAIR_SUM_MAX or (
+            path == "int8"
+        )
+
+
+def test_pair_sums_past_the_shifts_float32_range_take_two_exact_convolutions(
+    int8_path: Int8Path,
+) -> None:
+    """Shifted weights need code_max * 64 * K below 2^24 (K < 1028) for both terms to be exact
+    in float32: a longer reduction takes the per-sign route (here float64, sums past 2^24)."""
+    int8_path("int8 pair-bounded")
+    gen = torch.Generator().manual_seed(6)
+    codes = torch.randint(250, 256, (2, 128, 5, 5), generator=gen, dtype=torch.uint8)
+    w_pos = torch.randint(100, 128, (4, 128, 3, 3), generator=gen, dtype=torch.int8)
+    w_neg = torch.zeros_like(w_pos)
+    conv = ConvGeometry((1, 1), (1, 1), (1, 1), 1)
+    pair = PairCodes(codes, w_pos, w_neg, 1.0, 255 * 127 * 1152)
+    assert pair._int8_pair(conv) is None
+    got = pair.sums(conv)
+    want = F.conv2d(codes.double(), w_pos.double(), None, *conv.args)
+    assert float(want.max()) > 2**24
+    assert torch.equal(got[0], want.float()) and not bool(got[1].any())
+
+
 def _float_convs(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
     """The dtypes of the float fallback's convolutions, recorded as they run (the tests'
     own references call torch.conv2d, which the spy does not see)."""
-    monkeypatch.setattr(cpu_int8, "available", lambda: False)
+    monkeypatch.setattr(cpu_int8, "exact_for", lambda code_max, weight_max: False)
     dtypes: list[torch.dtype] = []
     real = integer_conv.F.conv2d
 
@@ -177,9 +244,9 @@ def test_fake_quant_codes_are_fake_quant_bit_for_bit() -> None:
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_integer_pair_has_exact_sums_and_the_float_convs_gradients(
-    geometry: tuple[int, ...], path: str, monkeypatch: pytest.MonkeyPatch
+    geometry: tuple[int, ...], path: str, int8_path: Int8Path
 ) -> None:
-    _path(path, monkeypatch)
+    int8_path(path)
     n, c, o, size, k = geometry[:5]
     gen = torch.Generator().manual_seed(len(geometry) + size)
     length, step = 32, 0.037  # sc's operands: stream probabilities times weight codes
@@ -240,13 +307,13 @@ def test_inject_uses_integer_sums_and_keeps_the_float_proxys_values(
 ) -> None:  # fmt: skip
     layer, x = _layer(target, channels, signed, groups, stride)  # K = 4 x 5 x 5 = 100
     calls = []
-    real = integer_conv.integer_sums_nchw
+    real = PairCodes.sums
 
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def counted(self: PairCodes, geometry: ConvGeometry) -> tuple[torch.Tensor, torch.Tensor]:
         calls.append(1)
-        return real(*args, **kwargs)
+        return real(self, geometry)
 
-    monkeypatch.setattr(integer_conv, "integer_sums_nchw", counted)
+    monkeypatch.setattr(PairCodes, "sums", counted)
     outs, grads = [], []
     for integer in (True, False):
         monkeypatch.setattr(ApproxConv2d, "integer_sums", lambda self, x, on=integer: on)
@@ -259,7 +326,7 @@ def test_inject_uses_integer_sums_and_keeps_the_float_proxys_values(
         outs.append(out.detach())
         grads.append((xi.grad, layer.weight.grad.clone()))
         if integer:
-            assert len(calls) == (4 if signed and target == "analog" else 2)
+            assert len(calls) == (2 if signed and target == "analog" else 1)
     assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
     assert not torch.equal(outs[0], layer.float_forward(x))  # an error was injected
     for a, b in zip(grads[0], grads[1], strict=True):

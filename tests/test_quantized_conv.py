@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 import numba
 import numpy as np
@@ -24,6 +25,9 @@ from approxctl.targets.approx_mult import ApproxMultTarget
 
 needs_int8 = pytest.mark.skipif(
     not cpu_int8.available(), reason="no exact oneDNN int8 convolution on this CPU (no VNNI)"
+)
+needs_any_int8 = pytest.mark.skipif(
+    not cpu_int8._pair_bounded_available(), reason="no oneDNN int8 convolution on this CPU"
 )
 
 # (batch, in, out, size, kernel, stride, padding, dilation, groups)
@@ -51,6 +55,58 @@ def test_int8_conv_gives_the_exact_integer_sums(geometry: tuple[int, ...], zero_
     want = F.conv2d(codes.double() - zero_point, weight.double(), None, *conv)
     assert got.dtype == torch.float32
     assert torch.equal(got.double(), want)
+
+
+@needs_any_int8
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize(("zero_point", "code_max", "weight_max"), [(0, 255, 64), (64, 127, 128)])
+def test_int8_conv_is_exact_where_pairs_of_products_fit_16_bits(
+    geometry: tuple[int, ...], zero_point: int, code_max: int, weight_max: int
+) -> None:
+    """Whatever the CPU: ``2 * code * |weight| <= 32767`` for every product (``exact_for``)."""
+    n, c, o, size, k, stride, pad, dil, groups = geometry
+    gen = torch.Generator().manual_seed(sum(geometry) + zero_point)
+    codes = torch.randint(0, code_max + 1, (n, c, size, size), generator=gen, dtype=torch.uint8)
+    codes.view(-1)[::3] = code_max
+    weight = torch.randint(
+        -weight_max, min(weight_max, 127) + 1, (o, c // groups, k, k), generator=gen,
+        dtype=torch.int16,
+    ).to(torch.int8)  # fmt: skip
+    weight.view(-1)[::4] = -weight_max
+    weight.view(-1)[1::4] = min(weight_max, 127)
+    assert 2 * code_max * weight_max <= cpu_int8.PAIR_SUM_MAX
+    assert cpu_int8.exact_for(code_max, weight_max)
+    conv = ((stride, stride), (pad, pad), (dil, dil), groups)
+    got = cpu_int8.conv2d(codes, zero_point, weight, *conv)
+    want = F.conv2d(codes.double() - zero_point, weight.double(), None, *conv)
+    assert torch.equal(got.double(), want)
+
+
+def test_exact_for_needs_vnni_only_past_the_pair_bound() -> None:
+    assert cpu_int8.exact_for(255, 127) == cpu_int8.available()  # 2 x 255 x 127 > 32767
+    if cpu_int8._pair_bounded_available():
+        assert cpu_int8.exact_for(255, 64) and cpu_int8.exact_for(127, 128)
+        assert cpu_int8.exact_for(32, 32)  # sc's default stream length
+
+
+def test_the_environment_turns_every_int8_route_off() -> None:
+    code = "from approxctl.backends import cpu_int8; print(cpu_int8.exact_for(32, 32))"
+    env = {**os.environ, "APPROXCTL_CPU_INT8": "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
+
+
+def test_pair_bounded_self_test_passes_with_avx2_only() -> None:
+    """Without VNNI, the pair-bounded operands are exact (run with oneDNN limited to AVX2,
+    whatever this CPU has): what lets sc, analog and approx-mult use int8 there."""
+    code = "from approxctl.backends import cpu_int8; print(cpu_int8._self_test(True))"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "True"
 
 
 def test_self_test_rejects_int8_without_vnni() -> None:
@@ -113,7 +169,7 @@ def test_affine_output_reads_either_memory_order_and_draws_the_same(shape: tuple
     acc = torch.randint(-3000, 3000, shape).float()
     scale, bias = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
     plain = _affine(acc, scale, bias, None)
-    want = (acc.double() * scale.double().view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1))
+    want = acc.double() * scale.double().view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1)
     assert torch.equal(plain, want.float())  # one rounding: the kernel fuses multiply and add
     spec = NoiseSpec(torch.tensor([0.5, 2.0, -1.0]), torch.tensor([3.0, 1.0]), -3000.0, 3000.0)
     channels_last = acc.contiguous(memory_format=torch.channels_last)
@@ -154,15 +210,31 @@ def _operands(geometry: tuple[int, ...], seed: int = 0):  # type: ignore[no-unty
     return x, w_q, w_scale, bias, conv
 
 
-@pytest.mark.parametrize(("int8", "keep_input"), [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize(
+    ("path", "keep_input"),
+    [("int8", False), ("int8 pair-bounded", False), ("float fallback", False), ("int8", True),
+     ("int8 pair-bounded", True)],
+)  # fmt: skip
+@pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_quantized_conv_sums_exactly_and_has_the_float_proxys_gradients(
-    geometry: tuple[int, ...], int8: bool, keep_input: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if int8 and not cpu_int8.available():
-        pytest.skip("no exact oneDNN int8 convolution on this CPU")
-    monkeypatch.setattr(cpu_int8, "available", lambda: int8)
+    geometry: tuple[int, ...], path: str, keep_input: bool, signed: bool,
+    int8_path: Callable[[str], None], monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Every route gives the exact sums; an input with no negative value (zero point 0, codes
+    up to 127) runs the int8 convolution without VNNI too, a signed one (codes up to 254) not."""
+    int8_path(path)
+    convs = []
+    real = cpu_int8.conv2d
+
+    def spy(codes: torch.Tensor, zero_point: int, *args: object) -> torch.Tensor:
+        convs.append(zero_point)
+        return real(codes, zero_point, *args)
+
+    monkeypatch.setattr(cpu_int8, "conv2d", spy)
     x, w_q, w_scale, bias, conv = _operands(geometry)
+    if not signed:
+        x = x.abs()
     step = 0.02  # inputs beyond 127 steps are clamped: both gradient masks are exercised
     args = (conv.stride, conv.padding, conv.dilation, conv.groups)
     xa, wa, ba = (t.clone().requires_grad_() for t in (x, w_q, bias))
@@ -183,15 +255,18 @@ def test_quantized_conv_sums_exactly_and_has_the_float_proxys_gradients(
     proxy.backward(grad)
     for got, want in ((xa.grad, xb.grad), (wa.grad, wb.grad), (ba.grad, bb.grad)):
         assert torch.equal(got, want)
+    int8 = path == "int8" or (path == "int8 pair-bounded" and not signed)
+    assert convs == ([128 if signed else 0] if int8 else [])
 
 
-@needs_int8
+@needs_any_int8
 def test_int8_and_float32_sums_draw_the_same_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     x, w_q, w_scale, bias, conv = _operands(GEOMETRIES[2], seed=3)
+    x = x.abs()  # codes within [0, 127]: the int8 route serves them without VNNI too
     spec = NoiseSpec(torch.tensor([0.5, 3.0]), torch.tensor([2.0, 1.0]), -5000.0, 5000.0)
     outs = []
     for int8 in (True, False):
-        monkeypatch.setattr(cpu_int8, "available", lambda int8=int8: int8)
+        monkeypatch.setattr(cpu_int8, "exact_for", lambda code_max, weight_max, on=int8: on)
         torch.manual_seed(5)
         outs.append(
             quantized_conv2d(x, w_q, w_scale, bias, step=0.05, qmax=127, geometry=conv, noise=spec)

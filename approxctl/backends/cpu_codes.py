@@ -104,3 +104,47 @@ def affine_output(  # type: ignore[no-untyped-def]
                 else:
                     for i in range(m):
                         os_[i] = v[i] * s_c + b_c
+
+
+@process_safe
+@numba.njit(parallel=True, cache=True, nogil=True)
+def pair_outputs(  # type: ignore[no-untyped-def]
+    acc, stride_n, stride_c, stride_p, samples, inner, window, groups, shift, factor,
+    out_pos, out_neg,
+):  # fmt: skip
+    """The two sums of one int8 convolution over [w+; w-] (``PairCodes``), each in the plain
+    (N, O, H, W) order: out_pos[n, c, p] = (v + shift * window[n, g, p]) * factor with
+    v = acc[n * stride_n + a * stride_c + p * stride_p], g = c's group and a = c's channel in
+    ``acc``, where each group's w+ channels are followed by its w- channels; out_neg the same
+    of the w- channel. ``window`` (N, groups, P) is read only where ``shift`` is not 0. The
+    product ``shift * window`` is exact, so with fused multiply-add or without, the sum is
+    rounded once."""
+    channels = out_pos.shape[0] // (samples * inner)
+    per_group = channels // groups
+    tile = min(inner, TILE)
+    tiles = (inner + tile - 1) // tile
+    tasks = samples * tiles
+    chunks = min(tasks, CHUNKS)
+    for chunk in numba.prange(chunks):
+        v = np.empty(TILE, dtype=np.float32)
+        for task in range(chunk * tasks // chunks, (chunk + 1) * tasks // chunks):
+            sample = task // tiles
+            first = (task - sample * tiles) * tile
+            m = min(tile, inner - first)
+            for a in range(2 * channels):
+                src = sample * stride_n + a * stride_c + first * stride_p
+                row = acc[src : src + (m - 1) * stride_p + 1 : stride_p]
+                for i in range(m):  # a gather of its own, so the loops below vectorize
+                    v[i] = row[i]
+                group, within = a // (2 * per_group), a % (2 * per_group)
+                positive = within < per_group
+                channel = group * per_group + (within if positive else within - per_group)
+                if shift != 0:
+                    at = (sample * groups + group) * inner + first
+                    ws = window[at : at + m]
+                    for i in range(m):
+                        v[i] += shift * ws[i]
+                start = (sample * channels + channel) * inner + first
+                os_ = out_pos[start : start + m] if positive else out_neg[start : start + m]
+                for i in range(m):
+                    os_[i] = v[i] * factor

@@ -112,7 +112,7 @@ class ScTarget(Target):
                 layer.group_concat([q[a + "_codes"] for a in names]),
                 torch.cat(w_codes[: len(names)], 1), torch.cat(w_codes[::-1][: len(names)], 1),
                 out_scale=1.0 / self.config.length**2,
-                bound=self.config.length**2 * stream_w[0][0].numel(),
+                bound=self.config.length**2 * stream_w[0][0].numel(), code_max=self.config.length,
             )  # fmt: skip
         z_pos, z_neg = layer.accumulate_pair(x, stream_w[0], stream_w[1], codes)
         layout = layer.channel_layout(z_pos)
