@@ -19,6 +19,11 @@ median step and the median (first-third quartile) of its per-round ratio to floa
   ``convolution_backward`` passes per input that two separate accumulations ran before it.
 * sc, analog: "first layer unfused" turns ``approxctl.fused_conv`` off (the first layer's
   accumulations through the sign pair and the proxy node, as before 2026-12-07).
+* sc, analog: "one conv per sign" turns ``PairCodes``'s single int8 convolution and the
+  pair-bounded int8 route off (the sums as one convolution per weight sign: without VNNI
+  float32 ones, as before 2026-12-07, later).
+* approx-mult: "fused, zero point 128" quantizes every input with zero point 128 (codes up to
+  254: without VNNI the float32 route, as before 2026-12-07, later).
 
 The results of record are in docs/benchmarks.md.
 """
@@ -36,7 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from approxctl import calibrate, convert, fit_error_model, fused_conv, set_mode, sign_pair
-from approxctl.backends import cpu_sparse_grad
+from approxctl import quantized_conv as quantized
+from approxctl.backends import cpu_int8, cpu_sparse_grad
+from approxctl.integer_conv import PairCodes
 from approxctl.layers import ApproxConv2d
 from approxctl.models import BUILTIN_MODELS
 from approxctl.pipeline import DataOptions
@@ -57,20 +64,26 @@ def variants(target: str) -> dict[str, list[Patch]]:
 
         return {
             "float proxy": [(ApproxMultTarget, "fused_inject", lambda *args: None)],
+            "fused, zero point 128": [(quantized, "_zero_point", lambda x: 128)],
             "fused": [],
             "fused, no draw": [(ApproxMultTarget, "fused_inject", no_draw)],
         }
     float_proxy: list[Patch] = [(ApproxConv2d, "integer_sums", lambda self, x: False)]
     unfused: list[Patch] = [(fused_conv, "usable", lambda *args: False)]
+    per_sign: list[Patch] = [
+        (PairCodes, "_int8_pair", lambda self, geometry: None),
+        (cpu_int8, "exact_for", lambda code_max, weight_max: cpu_int8.available()),
+    ]
     configs = {
-        "float proxy": float_proxy, "integer sums, first layer unfused": unfused,
-        "integer sums": [],
+        "float proxy": float_proxy, "integer sums, first layer unfused": [*unfused, *per_sign],
+        "integer sums, one conv per sign": per_sign, "integer sums": [],
     }  # fmt: skip
     if target == "analog":  # the backward before approxctl.sign_pair (2026-12-06)
         before: list[Patch] = [
             (cpu_sparse_grad, "nonzero_sums", lambda *args: -1),
             (sign_pair._DenseBackward, "by_patches", lambda self, weight: False),
             *unfused,
+            *per_sign,
         ]
         configs = {"float proxy": float_proxy, "integer sums, old backward": before, **configs}
     return configs
