@@ -3,9 +3,10 @@
 The proxies of sc and analog (SPEC 3.2, 3.3) accumulate quantized operands: stream
 probabilities in [0, L] times weight codes in [0, L], or 8-bit inputs in [0, 255] times weight
 magnitudes in [0, 127], once per weight sign. In float32 those are two convolutions per layer
-where the float layer runs one; as integer convolutions (oneDNN's int8 one on VNNI,
-``approxctl.backends.cpu_int8``) they cost less than one float convolution on this project's
-layers, and their sums are exact. Inject mode uses them on CPU (``ApproxLayer.integer_sums``).
+where the float layer runs one; as one integer convolution over both signs (oneDNN's int8 one,
+``approxctl.backends.cpu_int8``: with VNNI, or without it where pairs of products fit 16 bits,
+``PairCodes``) they cost about one float convolution on this project's layers, and their sums
+are exact. Inject mode uses them on CPU (``ApproxLayer.integer_sums``).
 
 Values: ``float32(sum_k codes_k * w_codes_k) * out_scale``, the exact integer sum rounded once to
 float32 (it is already exact below 2^24, which covers every sc layer up to K = 16384). Where the
@@ -241,10 +242,6 @@ class PairCodes:
         exact in float32 (checked: ``code_max * s * K < 2^24``), so their sum is the exact sum
         rounded once."""
         w_max = max(magnitude_max(self.w_pos), magnitude_max(self.w_neg))
-        groups = geometry.groups  # each group's output channels: its w+ ones, then its w- ones
-        weights = torch.cat(
-            [self.w_pos.unflatten(0, (groups, -1)), self.w_neg.unflatten(0, (groups, -1))], 1
-        ).flatten(0, 1)
         shift = 0
         if not cpu_int8.exact_for(self.code_max, w_max):
             shift = (w_max + 1) // 2
@@ -253,6 +250,11 @@ class PairCodes:
                 self.code_max * shift * reduction >= _FLOAT32_EXACT
             ):
                 return None
+        groups = geometry.groups  # each group's output channels: its w+ ones, then its w- ones
+        weights = torch.cat(
+            [self.w_pos.unflatten(0, (groups, -1)), self.w_neg.unflatten(0, (groups, -1))], 1
+        ).flatten(0, 1)
+        if shift:
             weights = (weights.to(torch.int16) - shift).to(torch.int8)
         acc = cpu_int8.conv2d(self.x, 0, weights, *geometry.args)
         window = _window_sums(self.x, self.w_pos.shape[2:], geometry) if shift else None
