@@ -89,35 +89,31 @@ def test_exact_for_needs_vnni_only_past_the_pair_bound() -> None:
         assert cpu_int8.exact_for(32, 32)  # sc's default stream length
 
 
-def test_the_environment_turns_every_int8_route_off() -> None:
-    code = "from approxctl.backends import cpu_int8; print(cpu_int8.exact_for(32, 32))"
-    env = {**os.environ, "APPROXCTL_CPU_INT8": "0"}
+def _in_fresh_process(expression: str, **env: str) -> str:
+    """What ``print(expression)`` writes in a new Python with ``cpu_int8`` imported and the
+    environment variables ``env`` set (``cpu_int8`` decides once per process)."""
+    code = f"from approxctl.backends import cpu_int8; print({expression})"
     out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == "False"
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+        check=True,
+    )  # fmt: skip
+    return out.stdout.strip()
+
+
+def test_the_environment_turns_every_int8_route_off() -> None:
+    assert _in_fresh_process("cpu_int8.exact_for(32, 32)", APPROXCTL_CPU_INT8="0") == "False"
 
 
 def test_pair_bounded_self_test_passes_with_avx2_only() -> None:
     """Without VNNI, the pair-bounded operands are exact (run with oneDNN limited to AVX2,
     whatever this CPU has): what lets sc, analog and approx-mult use int8 there."""
-    code = "from approxctl.backends import cpu_int8; print(cpu_int8._self_test(True))"
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == "True"
+    assert _in_fresh_process("cpu_int8._self_test(True)", ONEDNN_MAX_CPU_ISA="AVX2") == "True"
 
 
 def test_self_test_rejects_int8_without_vnni() -> None:
     """oneDNN without VNNI multiplies with saturating 16-bit pair sums: the first-use check
     must notice (run with oneDNN limited to AVX2, whatever this CPU has)."""
-    code = "from approxctl.backends import cpu_int8; print(cpu_int8._self_test())"
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == "False"
+    assert _in_fresh_process("cpu_int8._self_test()", ONEDNN_MAX_CPU_ISA="AVX2") == "False"
 
 
 def test_codes_are_fake_quant_bit_for_bit() -> None:

@@ -60,6 +60,16 @@ def dequantize_codes(codes, zero_point, step, out):  # type: ignore[no-untyped-d
             os_[i] = (np.float32(cs[i]) - zp) * step
 
 
+@numba.njit(inline="always")
+def _tasks(samples, inner):  # type: ignore[no-untyped-def]
+    """How the output passes cut their work: tasks of one sample and up to TILE pixels, all
+    channels; ``(tile, tiles per sample, tasks, parallel chunks)``."""
+    tile = min(inner, TILE)
+    tiles = (inner + tile - 1) // tile
+    tasks = samples * tiles
+    return tile, tiles, tasks, min(tasks, CHUNKS)
+
+
 @process_safe
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
 def affine_output(  # type: ignore[no-untyped-def]
@@ -77,10 +87,7 @@ def affine_output(  # type: ignore[no-untyped-def]
     neither the input's memory order nor the number of threads.
     """
     channels = scale.shape[0]
-    tile = min(inner, TILE)
-    tiles = (inner + tile - 1) // tile
-    tasks = samples * tiles
-    chunks = min(tasks, CHUNKS)
+    tile, tiles, tasks, chunks = _tasks(samples, inner)
     for chunk in numba.prange(chunks):
         v = np.empty(TILE, dtype=np.float32)
         t = np.empty(TILE, dtype=np.float32)
@@ -121,10 +128,7 @@ def pair_outputs(  # type: ignore[no-untyped-def]
     rounded once."""
     channels = out_pos.shape[0] // (samples * inner)
     per_group = channels // groups
-    tile = min(inner, TILE)
-    tiles = (inner + tile - 1) // tile
-    tasks = samples * tiles
-    chunks = min(tasks, CHUNKS)
+    tile, tiles, tasks, chunks = _tasks(samples, inner)
     for chunk in numba.prange(chunks):
         v = np.empty(TILE, dtype=np.float32)
         for task in range(chunk * tasks // chunks, (chunk + 1) * tasks // chunks):
