@@ -102,6 +102,16 @@ def _add_taps(x, first, offset, weight, run, z):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always")
+def _add_signs(x, first, offset, weight, runs, z_pos, z_neg):  # type: ignore[no-untyped-def]
+    """For one output channel: z_pos += x's positions of positive weight, z_neg += those of
+    negative weight (``offset``, ``weight``, ``runs`` of ``taps`` for that channel)."""
+    for run in range(runs[0]):
+        _add_taps(x, first, offset[0], weight[0], run, z_pos)
+    for run in range(runs[1]):
+        _add_taps(x, first, offset[1], weight[1], run, z_neg)
+
+
+@numba.njit(inline="always")
 def _dot_taps(x, first, offset, run, g, out4):  # type: ignore[no-untyped-def]
     """out4[i] += dot(x at the i-th position of ``run``, g) over the wide output."""
     x0, x1, x2, x3 = _run(x, first, offset, run, g.shape[0])
@@ -160,19 +170,13 @@ def forward(  # type: ignore[no-untyped-def]
                 first = (n * channels_in + (o // per_group_out) * groups_in) * plane
                 z0[:] = zero
                 z1[:] = zero
-                for run in range(runs[o, 0]):
-                    _add_taps(pos, first, offset[o, 0], weight[o, 0], run, z0)
-                for run in range(runs[o, 1]):
-                    _add_taps(pos, first, offset[o, 1], weight[o, 1], run, z1)
+                _add_signs(pos, first, offset[o], weight[o], runs[o], z0, z1)
                 if four:  # x-'s sums: analog keeps them apart; sc adds z2 to z1, z3 to z0
                     with_pos, with_neg = (z1, z0) if kind == SC else (z2, z3)
                     if kind != SC:
                         z2[:] = zero
                         z3[:] = zero
-                    for run in range(runs[o, 0]):
-                        _add_taps(neg, first, offset[o, 0], weight[o, 0], run, with_pos)
-                    for run in range(runs[o, 1]):
-                        _add_taps(neg, first, offset[o, 1], weight[o, 1], run, with_neg)
+                    _add_signs(neg, first, offset[o], weight[o], runs[o], with_pos, with_neg)
                 base = (s - seg) * inner
                 for y in range(out_h):
                     row = y * wp
