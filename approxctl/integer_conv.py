@@ -21,6 +21,7 @@ values), so the backward is what it is for the float proxy.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from approxctl.backends import cpu_int8
 from approxctl.noise import use_kernels
-from approxctl.proxy_ops import fake_quant, kernel_noise, masked_gradient
+from approxctl.proxy_ops import kernel_noise, masked_gradient
 
 try:
     from approxctl.backends import cpu_codes
@@ -134,19 +135,36 @@ def _flat(t: torch.Tensor) -> np.ndarray:
     return t.detach().view(-1).numpy()
 
 
-class _Dequantized(torch.autograd.Function):
-    """``codes * step`` forward (what ``fake_quant`` returns, bit for bit), the straight-through
-    gradient where ``inside`` is set backward."""
+_EMPTY_U64 = np.empty(0, dtype=np.uint64)
+# quantize_planes packs 8 channels' codes in one 64-bit word, lowest channel in the low byte
+_WORDS = sys.byteorder == "little"
+
+
+class _FakeQuantCodes(torch.autograd.Function):
+    """``fake_quant(x, step, 0, qmax)`` forward, with the codes (channels-last) as a second
+    output that wants no gradient (``nans`` gets the number of NaN inputs appended); the
+    straight-through gradient where ``inside`` is set backward."""
 
     @staticmethod
-    def forward(ctx, x, codes, inside, step):  # type: ignore[no-untyped-def]
-        out = torch.empty(codes.shape)
-        cpu_codes.dequantize_codes(_flat(codes), 0, np.float32(step), _flat(out))
+    def forward(ctx, x, step, qmax, nans):  # type: ignore[no-untyped-def]
+        x = x.contiguous()
+        samples, channels, height, width = x.shape
+        codes = torch.empty(x.shape, dtype=torch.uint8, memory_format=torch.channels_last)
+        inside = torch.empty(x.shape, dtype=torch.uint8)
+        out = torch.empty(x.shape)
+        flat = codes.permute(0, 2, 3, 1).view(-1).numpy()
+        words = flat.view(np.uint64) if _WORDS and channels % 8 == 0 else _EMPTY_U64
+        found = cpu_codes.quantize_planes(
+            _flat(x), samples, height * width, np.float32(1.0) / np.float32(step),
+            np.float32(step), np.float32(qmax), flat, words, _flat(inside), _flat(out),
+        )  # fmt: skip
+        nans.append(int(found))
+        ctx.mark_non_differentiable(codes)
         ctx.save_for_backward(inside)
-        return out
+        return out, codes
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+    def backward(ctx, grad, _):  # type: ignore[no-untyped-def]
         (inside,) = ctx.saved_tensors
         return masked_gradient(grad, inside), None, None, None
 
@@ -154,20 +172,15 @@ class _Dequantized(torch.autograd.Function):
 def fake_quant_codes(
     x: torch.Tensor, step: float, qmax: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``fake_quant(x, step, 0, qmax)`` and its integer codes (uint8, in [0, qmax <= 255]).
+    """``fake_quant(x, step, 0, qmax)`` (bit for bit, and its gradient) and its integer codes
+    (uint8, in [0, qmax <= 255]; channels-last memory order, which oneDNN's int8 convolution
+    reads), in one pass over ``x`` (N, C, H, W).
 
     The codes are None where ``x`` holds NaN: the caller then accumulates in float, so a
     diverged input stays NaN in the outputs it reaches, as on every other path."""
-    x = x.contiguous()
-    codes = torch.empty(x.shape, dtype=torch.uint8)
-    inside = torch.empty(x.shape, dtype=torch.uint8)
-    nans = cpu_codes.quantize_codes(
-        _flat(x), np.float32(1.0) / np.float32(step), np.float32(0.0), np.float32(qmax),
-        np.int32(0), _flat(codes), _flat(inside),
-    )  # fmt: skip
-    if nans:
-        return fake_quant(x, step, 0, qmax), None
-    return _Dequantized.apply(x, codes, inside, step), codes
+    nans: list[int] = []
+    out, codes = _FakeQuantCodes.apply(x, step, qmax, nans)
+    return out, (None if nans[0] else codes)
 
 
 def integer_sums_nchw(
@@ -277,11 +290,8 @@ _EMPTY_F32 = np.empty(0, dtype=np.float32)
 def _window_sums(codes: torch.Tensor, kernel: torch.Size, geometry: ConvGeometry) -> torch.Tensor:
     """Each output position's sum of the codes its window reads, over its group's channels:
     (N, groups, Ho, Wo) float32, exact (at most 255 * K)."""
-    samples, channels, height, width = codes.shape
     groups = geometry.groups
-    per_group = codes.reshape(samples, groups, channels // groups, height, width).sum(
-        2, dtype=torch.float32
-    )
+    per_group = codes.unflatten(1, (groups, -1)).sum(2, dtype=torch.float32)  # any memory order
     ones = torch.ones(groups, 1, *kernel)
     stride, padding, dilation, _ = geometry.args
     return F.conv2d(per_group, ones, None, stride, padding, dilation, groups).contiguous()

@@ -241,6 +241,24 @@ def test_fake_quant_codes_are_fake_quant_bit_for_bit() -> None:
     assert codes is None and bool(torch.isnan(got).any())  # the caller accumulates in float
 
 
+@pytest.mark.parametrize("words", [True, False])
+@pytest.mark.parametrize("shape", [(2, 8, 17, 19), (3, 24, 5, 4), (1, 5, 16, 16), (2, 16, 1, 1)])
+def test_fake_quant_codes_are_channels_last_codes_of_every_element(
+    shape: tuple[int, ...], words: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tiles of 256 pixels, a last partial tile, channel counts with and without the 64-bit
+    # stores (``words`` False: the byte stores a big-endian machine would take)
+    monkeypatch.setattr(integer_conv, "_WORDS", words)
+    gen = torch.Generator().manual_seed(sum(shape))
+    step, qmax = 0.02, 255
+    x = (torch.rand(shape, generator=gen) * 6 - 1).requires_grad_()
+    got, codes = fake_quant_codes(x, step, qmax)
+    assert codes is not None and codes.is_contiguous(memory_format=torch.channels_last)
+    want = torch.clamp(torch.round(x.detach() / step), 0, qmax)
+    assert torch.equal(codes.to(torch.float32), want)
+    assert torch.equal(got, fake_quant(x.detach(), step, 0, qmax))
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_integer_pair_has_exact_sums_and_the_float_convs_gradients(

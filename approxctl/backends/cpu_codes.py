@@ -48,6 +48,60 @@ def quantize_codes(x, inv_step, qmin, qmax, zero_point, codes, inside):  # type:
 
 @process_safe
 @numba.njit(parallel=True, cache=True, nogil=True)
+def quantize_planes(x, samples, inner, inv_step, step, qmax, codes, words, inside, out):  # type: ignore[no-untyped-def]
+    """``quantize_codes`` (zero point 0, qmin 0) of a flat (N, C, P) ``x`` that writes the
+    codes in channels-last order (N, P, C), the order oneDNN's int8 convolution reads (a
+    separate transpose of them measured as long as this whole pass), and ``out`` = the
+    fake-quantized x (N, C, P), as ``fake_quant_forward`` writes it, in the same pass.
+    ``inside`` (N, C, P) as in ``quantize_codes``. ``words``: ``codes``' buffer viewed as
+    uint64 where C is a multiple of 8 on a little-endian machine (each word then holds 8
+    channels' codes, the lowest channel in the low byte, and is written with one store), else
+    empty. Returns the number of NaN inputs (codes 0, ``out`` NaN).
+
+    Work goes in tasks of one sample and up to TILE pixels, all channels: a tile's codes are
+    transposed in cache."""
+    channels = x.shape[0] // (samples * inner)
+    tile, tiles, tasks, chunks = _tasks(samples, inner)
+    nans = np.zeros(chunks, dtype=np.int64)
+    zero = np.float32(0.0)
+    for chunk in numba.prange(chunks):
+        block = np.empty(channels * TILE, dtype=np.uint8)  # a tile's codes, (C, tile)
+        bad = 0
+        for task in range(chunk * tasks // chunks, (chunk + 1) * tasks // chunks):
+            sample = task // tiles
+            first = (task - sample * tiles) * tile
+            m = min(tile, inner - first)
+            for c in range(channels):
+                at = (sample * channels + c) * inner + first
+                xs, os_, ins = x[at : at + m], out[at : at + m], inside[at : at + m]
+                bs = block[c * TILE : c * TILE + m]
+                for i in range(m):
+                    q = np.rint(xs[i] * inv_step)
+                    finite = q == q
+                    clamped = min(max(q, zero), qmax)
+                    os_[i] = clamped * step
+                    ins[i] = np.uint8(1 if zero <= q <= qmax else 0)
+                    bs[i] = np.uint8(np.int32(clamped if finite else zero))
+                    bad += 0 if finite else 1
+            if words.shape[0]:
+                for c8 in range(channels // 8):
+                    rows = block[c8 * 8 * TILE :]
+                    for i in range(m):
+                        word = np.uint64(0)
+                        for b in range(8):
+                            word |= np.uint64(rows[b * TILE + i]) << np.uint64(8 * b)
+                        words[(sample * inner + first + i) * (channels // 8) + c8] = word
+                continue
+            for i in range(m):
+                dst = (sample * inner + first + i) * channels
+                for c in range(channels):
+                    codes[dst + c] = block[c * TILE + i]
+        nans[chunk] = bad
+    return nans.sum()
+
+
+@process_safe
+@numba.njit(parallel=True, cache=True, nogil=True)
 def dequantize_codes(codes, zero_point, step, out):  # type: ignore[no-untyped-def]
     """out = (codes - zero_point) * step in float32."""
     n = codes.shape[0]
