@@ -102,13 +102,35 @@ def _add_taps(x, first, offset, weight, run, z):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always")
-def _add_signs(x, first, offset, weight, runs, z_pos, z_neg):  # type: ignore[no-untyped-def]
-    """For one output channel: z_pos += x's positions of positive weight, z_neg += those of
-    negative weight (``offset``, ``weight``, ``runs`` of ``taps`` for that channel)."""
-    for run in range(runs[0]):
-        _add_taps(x, first, offset[0], weight[0], run, z_pos)
-    for run in range(runs[1]):
-        _add_taps(x, first, offset[1], weight[1], run, z_neg)
+def _set_taps(x, first, offset, weight, run, z):  # type: ignore[no-untyped-def]
+    """z = the weighted TAPS positions of ``run`` of x (``_add_taps`` onto zeros, without
+    their pass: the products are >= 0, so no -0.0 that 0.0 + p would turn into 0.0)."""
+    x0, x1, x2, x3 = _run(x, first, offset, run, z.shape[0])
+    base = run * TAPS
+    w0, w1, w2, w3 = weight[base], weight[base + 1], weight[base + 2], weight[base + 3]
+    for j in range(z.shape[0]):
+        z[j] = x0[j] * w0 + x1[j] * w1 + x2[j] * w2 + x3[j] * w3
+
+
+@numba.njit(inline="always")
+def _sum_taps(x, first, offset, weight, runs, z, fresh):  # type: ignore[no-untyped-def]
+    """z (+)= x's ``runs`` runs of positions (``fresh``: z = the sum, else z += it)."""
+    if fresh:
+        if runs == 0:
+            z[:] = np.float32(0.0)
+        else:
+            _set_taps(x, first, offset, weight, 0, z)
+    for run in range(1 if fresh and runs else 0, runs):
+        _add_taps(x, first, offset, weight, run, z)
+
+
+@numba.njit(inline="always")
+def _add_signs(x, first, offset, weight, runs, z_pos, z_neg, fresh):  # type: ignore[no-untyped-def]
+    """For one output channel: z_pos (+)= x's positions of positive weight, z_neg (+)= those
+    of negative weight (``offset``, ``weight``, ``runs`` of ``taps`` for that channel;
+    ``fresh``: the sums replace z_pos and z_neg)."""
+    _sum_taps(x, first, offset[0], weight[0], runs[0], z_pos, fresh)
+    _sum_taps(x, first, offset[1], weight[1], runs[1], z_neg, fresh)
 
 
 @numba.njit(inline="always")
@@ -150,7 +172,6 @@ def forward(  # type: ignore[no-untyped-def]
     segments = out.shape[0] // inner
     group, blocks = _blocks(segments, inner)
     chunks = min(blocks, CHUNKS)
-    zero = np.float32(0.0)
     wide = out_h * wp
     offset, weight, _, runs = taps(w, plane, wp, dy, dx)
     for chunk in numba.prange(chunks):
@@ -168,15 +189,11 @@ def forward(  # type: ignore[no-untyped-def]
             for s in range(seg, last):  # the block's segments' activations into v
                 n, o = s // channels, s % channels
                 first = (n * channels_in + (o // per_group_out) * groups_in) * plane
-                z0[:] = zero
-                z1[:] = zero
-                _add_signs(pos, first, offset[o], weight[o], runs[o], z0, z1)
+                _add_signs(pos, first, offset[o], weight[o], runs[o], z0, z1, True)
                 if four:  # x-'s sums: analog keeps them apart; sc adds z2 to z1, z3 to z0
                     with_pos, with_neg = (z1, z0) if kind == SC else (z2, z3)
-                    if kind != SC:
-                        z2[:] = zero
-                        z3[:] = zero
-                    _add_signs(neg, first, offset[o], weight[o], runs[o], with_pos, with_neg)
+                    _add_signs(neg, first, offset[o], weight[o], runs[o], with_pos, with_neg,
+                               kind != SC)  # fmt: skip
                 base = (s - seg) * inner
                 for y in range(out_h):
                     row = y * wp
