@@ -82,8 +82,15 @@ def usable(geometry: ConvGeometry, kernel: torch.Tensor, *inputs: torch.Tensor) 
         cpu_fused_conv is not None and use_kernels(kernel, *inputs)
         and geometry.stride == (1, 1) and kernel[0].numel() < MIN_REDUCTION
         and all(x.dim() == 4 and not x.requires_grad for x in inputs)
-        and all(bool(torch.isfinite(x).all()) for x in inputs)
+        and all(_finite(x) for x in inputs)
     )  # fmt: skip
+
+
+def _finite(x: torch.Tensor) -> bool:
+    """Whether every value of ``x`` is finite, or (rarely) a false no: a NaN or infinity
+    anywhere makes the sum NaN or infinite, and finite values only where the sum overflows.
+    One reduction, where ``isfinite(x).all()`` writes and reads a mask."""
+    return bool(torch.isfinite(x.sum()))
 
 
 def _padded(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:

@@ -187,9 +187,12 @@ def test_usable_refuses_what_the_kernels_do_not_serve() -> None:
     assert not fused_conv.usable(ConvGeometry((2, 2), (1, 1), (1, 1), 1), w, x)  # stride
     assert not fused_conv.usable(plain, torch.randn(4, 8, 3, 3), torch.rand(2, 8, 8, 8))  # K
     assert not fused_conv.usable(plain, w, x.clone().requires_grad_())  # input gradient
-    nan = x.clone()
-    nan[0, 0, 3, 3] = float("nan")
-    assert not fused_conv.usable(plain, w, nan)
+    for bad in ([float("nan")], [float("inf")], [float("inf"), -float("inf")]):
+        y = x.clone()
+        y.view(-1)[3 : 3 + len(bad)] = torch.tensor(bad)
+        assert not fused_conv.usable(plain, w, y)
+    # finite values whose sum overflows: a false no (the unfused path serves them, as correctly)
+    assert not fused_conv.usable(plain, w, torch.full((2, 1, 8, 8), 3e38))
     assert not fused_conv.usable(plain, w, x.double())
 
 
