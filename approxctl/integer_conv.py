@@ -154,10 +154,12 @@ class _FakeQuantCodes(torch.autograd.Function):
         out = torch.empty(x.shape)
         flat = codes.permute(0, 2, 3, 1).view(-1).numpy()
         words = flat.view(np.uint64) if _WORDS and channels % 8 == 0 else _EMPTY_U64
-        found = cpu_codes.quantize_planes(
-            _flat(x), samples, height * width, np.float32(1.0) / np.float32(step),
-            np.float32(step), np.float32(qmax), flat, words, _flat(inside), _flat(out),
-        )  # fmt: skip
+        found = 0
+        if x.numel():  # the kernel cuts its work by samples and pixels: none for no element
+            found = cpu_codes.quantize_planes(
+                _flat(x), samples, height * width, np.float32(1.0) / np.float32(step),
+                np.float32(step), np.float32(qmax), flat, words, _flat(inside), _flat(out),
+            )  # fmt: skip
         nans.append(int(found))
         ctx.mark_non_differentiable(codes)
         ctx.save_for_backward(inside)

@@ -22,6 +22,9 @@ median step and the median (first-third quartile) of its per-round ratio to floa
 * sc, analog: "one conv per sign" turns ``PairCodes``'s single int8 convolution and the
   pair-bounded int8 route off (the sums as one convolution per weight sign: without VNNI
   float32 ones, as before 2026-12-07, later).
+* sc, analog: "codes NCHW" gives the integer convolution its input codes in the plain order,
+  which oneDNN transposes to channels-last itself (as before 2026-12-07, evening; the codes
+  now come channels-last from the quantize pass).
 * approx-mult: "fused, zero point 128" quantizes every input with zero point 128 (codes up to
   254: without VNNI the float32 route, as before 2026-12-07, later).
 
@@ -40,7 +43,15 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from approxctl import calibrate, convert, fit_error_model, fused_conv, set_mode, sign_pair
+from approxctl import (
+    calibrate,
+    convert,
+    fit_error_model,
+    fused_conv,
+    integer_conv,
+    set_mode,
+    sign_pair,
+)
 from approxctl import quantized_conv as quantized
 from approxctl.backends import cpu_int8, cpu_sparse_grad
 from approxctl.integer_conv import PairCodes
@@ -74,9 +85,17 @@ def variants(target: str) -> dict[str, list[Patch]]:
         (PairCodes, "_int8_pair", lambda self, geometry: None),
         (cpu_int8, "exact_for", lambda code_max, weight_max: cpu_int8.available()),
     ]
+    real_codes = integer_conv.fake_quant_codes
+
+    def plain_order_codes(x: torch.Tensor, step: float, qmax: int) -> Any:
+        out, codes = real_codes(x, step, qmax)
+        return out, None if codes is None else codes.contiguous()
+
+    nchw: list[Patch] = [(integer_conv, "fake_quant_codes", plain_order_codes)]
     configs = {
         "float proxy": float_proxy, "integer sums, first layer unfused": [*unfused, *per_sign],
-        "integer sums, one conv per sign": per_sign, "integer sums": [],
+        "integer sums, one conv per sign": per_sign, "integer sums, codes NCHW": nchw,
+        "integer sums": [],
     }  # fmt: skip
     if target == "analog":  # the backward before approxctl.sign_pair (2026-12-06)
         before: list[Patch] = [

@@ -242,12 +242,14 @@ def test_fake_quant_codes_are_fake_quant_bit_for_bit() -> None:
 
 
 @pytest.mark.parametrize("words", [True, False])
-@pytest.mark.parametrize("shape", [(2, 8, 17, 19), (3, 24, 5, 4), (1, 5, 16, 16), (2, 16, 1, 1)])
+@pytest.mark.parametrize(
+    "shape", [(2, 8, 17, 19), (3, 24, 5, 4), (1, 5, 16, 16), (2, 16, 1, 1), (0, 8, 5, 5)]
+)
 def test_fake_quant_codes_are_channels_last_codes_of_every_element(
     shape: tuple[int, ...], words: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Tiles of 256 pixels, a last partial tile, channel counts with and without the 64-bit
-    # stores (``words`` False: the byte stores a big-endian machine would take)
+    # Tiles of 256 pixels, a last partial tile, an empty batch, channel counts with and without
+    # the 64-bit stores (``words`` False: the byte stores a big-endian machine would take)
     monkeypatch.setattr(integer_conv, "_WORDS", words)
     gen = torch.Generator().manual_seed(sum(shape))
     step, qmax = 0.02, 255

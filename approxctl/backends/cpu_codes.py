@@ -4,7 +4,9 @@ outputs with the injected error out (``approxctl.quantized_conv``).
 ``quantize_codes`` writes what the integer convolution reads (uint8 codes ``q + zero_point``)
 and what the straight-through gradient needs (the in-range mask); ``dequantize_codes`` gives
 back the fake-quantized float input for the weight gradient, bit for bit what
-``fake_quant_forward`` writes, so the input need not be kept in float. ``affine_output`` reads the
+``fake_quant_forward`` writes, so the input need not be kept in float. ``quantize_planes`` (sc's
+and analog's inputs) writes the codes in oneDNN's channels-last order and the fake-quantized
+input in one pass. ``affine_output`` reads the
 convolution's sums in any memory order (oneDNN's int8 convolution writes channels-last) and
 writes the float output in the plain (N, C, H, W) order, drawing the error (SPEC section 4) in the
 same pass.
