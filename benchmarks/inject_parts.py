@@ -3,6 +3,7 @@ error draw, timed round-robin in one process.
 
     python benchmarks/inject_parts.py [--target am] [--model tinyconv] [--batch-size 128]
                                       [--rounds 15] [--weights FLOAT.safetensors]
+                                      [--channels-last]
 
 Each round runs every configuration for 2 warm-up and 3 timed training steps (forward,
 cross-entropy, backward, SGD) on one Fashion-MNIST batch; the table gives each configuration's
@@ -115,6 +116,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument(
+        "--channels-last", action="store_true",
+        help="model and input in channels-last memory order (every mode; the kernels take the "
+        "plain order, so inject transposes)",
+    )  # fmt: skip
+    parser.add_argument(
         "--weights", help="float weights (.safetensors) to start from; default: random init"
     )
     args = parser.parse_args()
@@ -128,6 +134,9 @@ def main() -> None:
     calibrate(model, [x])
     fit_error_model(model, [x])
     model.train()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     patches = variants(args.target)
     originals = {
@@ -158,7 +167,8 @@ def main() -> None:
     finally:
         for (owner, attribute), original in originals.items():
             setattr(owner, attribute, original)
-    print(f"{args.model}, {args.target}, batch {args.batch_size}, {args.rounds} rounds")
+    order = ", channels-last" if args.channels_last else ""
+    print(f"{args.model}, {args.target}, batch {args.batch_size}, {args.rounds} rounds{order}")
     print("| configuration | ms per step | ratio to float (per-round quartiles) |")
     print("|---|---|---|")
     for name in configs:
