@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from round_robin import seconds_per_step
 
 from approxctl import (
     calibrate,
@@ -158,12 +158,7 @@ def main() -> None:
                     setattr(owner, attribute, original)
                 for owner, attribute, replacement in patches.get(name, []):
                     setattr(owner, attribute, replacement)
-                step()
-                step()
-                start = time.perf_counter()
-                for _ in range(3):
-                    step()
-                times[name].append((time.perf_counter() - start) / 3)
+                times[name].append(seconds_per_step(step))
     finally:
         for (owner, attribute), original in originals.items():
             setattr(owner, attribute, original)

@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from round_robin import seconds_per_step
 
 from approxctl import calibrate, convert, set_mode
 from approxctl.models import BUILTIN_MODELS
@@ -68,12 +68,7 @@ def main() -> None:
                 F.cross_entropy(model(inputs), y).backward()
                 optimizer.step()
 
-            step()
-            step()
-            start = time.perf_counter()
-            for _ in range(3):
-                step()
-            times[name].append((time.perf_counter() - start) / 3)
+            times[name].append(seconds_per_step(step))
     base = times["plain model, NCHW"]
     print(f"{args.model} ({args.target} converted), batch {args.batch_size}, {args.rounds} rounds")
     print("| configuration | ms per step | ratio to the plain model, NCHW |")
