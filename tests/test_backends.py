@@ -311,6 +311,90 @@ def test_sc_conv2d_equals_sc_matmul_on_patches(geometry: dict, length: int) -> N
     assert torch.equal(out.long(), _fold(diffs, 2, size))
 
 
+# Output widths around the paired kernel's blocks of 8 pixels: 1, a partial block, one full
+# block, a full and a partial one; strides, dilation and groups change which inputs a block reads.
+PAIRED_CONVS = [
+    dict(c=3, o=5, k=3, stride=1, padding=1, dilation=1, groups=1, width=1),
+    dict(c=2, o=9, k=3, stride=1, padding=1, dilation=1, groups=1, width=7),
+    dict(c=4, o=4, k=3, stride=1, padding=0, dilation=1, groups=2, width=10),
+    dict(c=3, o=6, k=5, stride=2, padding=2, dilation=1, groups=3, width=35),
+    dict(c=2, o=3, k=3, stride=1, padding=2, dilation=2, groups=1, width=19),
+]
+
+
+def _sc_kernel_operands(geometry: dict, length: int, x: torch.Tensor) -> tuple:  # type: ignore[type-arg]
+    """What ``cpu.sc_conv2d`` passes its kernel, for ``x`` and random weight streams."""
+    c, o, k, groups = geometry["c"], geometry["o"], geometry["k"], geometry["groups"]
+    w_pos = _rand(0, length, (o, c // groups, k, k), 22)
+    w_neg = _rand(0, length, (o, c // groups, k, k), 23)
+    w_pos[w_neg > w_pos] = 0  # a weight has one sign: one of its two streams is empty
+    depth = (c // groups) * k * k
+    table_a, pa, table_b, pb = cpu._stream_tables(length, depth, (1, 0), (3, 1))
+
+    def streams(b: torch.Tensor) -> np.ndarray:
+        values = b.reshape(groups, o // groups, depth).numpy().astype(np.int64)
+        return np.ascontiguousarray(table_b[pb[None, None, :], values, :].transpose(0, 2, 3, 1))
+
+    pad, stride, dilation = geometry["padding"], geometry["stride"], geometry["dilation"]
+    xp = cpu._padded(x, (pad, pad), np.dtype(np.uint8))
+    out_h = cpu._output_size(xp.shape[2], k, stride, dilation)
+    out_w = cpu._output_size(xp.shape[3], k, stride, dilation)
+    geometry_args = cpu._geometry(w_pos, (stride, stride), (dilation, dilation), groups)
+    shape = (x.shape[0], o, out_h, out_w)
+    return xp, pa, table_a, streams(w_pos), streams(w_neg), geometry_args, shape
+
+
+@pytest.mark.parametrize("geometry", PAIRED_CONVS, ids=str)
+@pytest.mark.parametrize("length", [16, 32])
+@pytest.mark.parametrize("inputs", ["sparse", "zero", "full"])
+def test_sc_conv2d_paired_equals_row_kernel(geometry: dict, length: int, inputs: str) -> None:
+    """The kernel that runs two pixels per 64-bit word (streams of one 32-bit word) against the
+    one that runs one pixel at a time, bit for bit: random inputs, half of them zero (the
+    skipped reduction indices), all zero and all at L (every stream full)."""
+    from approxctl.backends import cpu_kernels
+
+    x = _rand(0, length, (2, geometry["c"], 5, geometry["width"]), 21)
+    if inputs == "sparse":
+        x[x < length // 2] = 0
+    else:
+        x.fill_(0 if inputs == "zero" else length)
+    *operands, shape = _sc_kernel_operands(geometry, length, x)
+    assert operands[2].dtype == np.uint32 and operands[2].shape[2] == 1  # one 32-bit word
+    row, paired = np.empty(shape, dtype=np.int32), np.full(shape, -999, dtype=np.int32)
+    cpu_kernels.sc_conv2d(*operands, row)
+    cpu_kernels.sc_conv2d_paired(*operands, paired)
+    np.testing.assert_array_equal(paired, row)
+    if inputs == "sparse":  # the case compares counts, not zeros on both sides
+        assert np.abs(row).max() > 0
+
+
+@pytest.mark.parametrize("geometry", PAIRED_CONVS[3:], ids=str)
+def test_sc_conv2d_wide_rows_equal_sc_matmul_on_patches(geometry: dict) -> None:
+    """``cpu.sc_conv2d`` on rows of full and partial blocks of the paired kernel, against the
+    torch reference's ``sc_matmul`` on im2col patches."""
+    c, o, k, groups = geometry["c"], geometry["o"], geometry["k"], geometry["groups"]
+    length = 32
+    x = _rand(0, length, (2, c, 6, geometry["width"]), 24)
+    x[x < length // 3] = 0
+    w_pos = _rand(0, length // 2, (o, c // groups, k, k), 25)
+    w_neg = _rand(0, length // 2, (o, c // groups, k, k), 26)
+    out = cpu.sc_conv2d(x, w_pos, w_neg, length, phase_a=(1, 0), phase_b=(3, 1),
+                        **_conv_args(geometry))  # fmt: skip
+    rows, size = _per_group_patches(
+        x, (k, k), groups, geometry["stride"], geometry["padding"], geometry["dilation"]
+    )
+    og = o // groups
+    diffs = []
+    for g in range(groups):
+        counts = torch_ref.sc_matmul(
+            rows[g], w_pos[g * og : (g + 1) * og].reshape(og, -1),
+            w_neg[g * og : (g + 1) * og].reshape(og, -1), length, phase_a=(1, 0),
+            phase_b=(3, 1),
+        )  # fmt: skip
+        diffs.append(counts[..., 0] - counts[..., 1])
+    assert torch.equal(out.long(), _fold(diffs, 2, size))
+
+
 @pytest.mark.parametrize("geometry", DIRECT_CONVS, ids=str)
 @pytest.mark.parametrize(("array_size", "adc_bits"), [(1, 4), (9, 4), (7, 8), (400, 16)])
 def test_analog_conv2d_equals_analog_matmul_on_patches(

@@ -195,7 +195,10 @@ def sc_conv2d(
     out_w = _output_size(xp.shape[3], kw, stride[1], dilation[1])
     out = np.empty((x.shape[0], o, out_h, out_w), dtype=np.int32)
     if out.size:
-        cpu_kernels.sc_conv2d(
+        # streams of one 32-bit word (L <= 32, the default): two pixels per 64-bit AND
+        one_word = table_a.dtype == np.uint32 and table_a.shape[2] == 1
+        kernel = cpu_kernels.sc_conv2d_paired if one_word else cpu_kernels.sc_conv2d
+        kernel(
             xp, pa, table_a, weight_streams(b_pos), weight_streams(b_neg),
             _geometry(b_pos, stride, dilation, groups), out,
         )  # fmt: skip
