@@ -311,9 +311,10 @@ def test_sc_conv2d_equals_sc_matmul_on_patches(geometry: dict, length: int) -> N
     assert torch.equal(out.long(), _fold(diffs, 2, size))
 
 
-# Output widths around the paired kernel's blocks of 8 pixels: 1, a partial block, one full
-# block, a full and a partial one; strides, dilation and groups change which inputs a block reads.
-PAIRED_CONVS = [
+# Output widths around the blocks of pixels the direct kernels run together (8 for sc's paired
+# kernel, 4 for analog's): 1, partial blocks, full ones, full and partial ones; strides,
+# dilation and groups change which inputs a block reads.
+ROW_BLOCK_CONVS = [
     dict(c=3, o=5, k=3, stride=1, padding=1, dilation=1, groups=1, width=1),
     dict(c=2, o=9, k=3, stride=1, padding=1, dilation=1, groups=1, width=7),
     dict(c=4, o=4, k=3, stride=1, padding=0, dilation=1, groups=2, width=10),
@@ -344,7 +345,7 @@ def _sc_kernel_operands(geometry: dict, length: int, x: torch.Tensor) -> tuple: 
     return xp, pa, table_a, streams(w_pos), streams(w_neg), geometry_args, shape
 
 
-@pytest.mark.parametrize("geometry", PAIRED_CONVS, ids=str)
+@pytest.mark.parametrize("geometry", ROW_BLOCK_CONVS, ids=str)
 @pytest.mark.parametrize("length", [16, 32])
 @pytest.mark.parametrize("inputs", ["sparse", "zero", "full"])
 def test_sc_conv2d_paired_equals_row_kernel(geometry: dict, length: int, inputs: str) -> None:
@@ -368,7 +369,7 @@ def test_sc_conv2d_paired_equals_row_kernel(geometry: dict, length: int, inputs:
         assert np.abs(row).max() > 0
 
 
-@pytest.mark.parametrize("geometry", PAIRED_CONVS[3:], ids=str)
+@pytest.mark.parametrize("geometry", ROW_BLOCK_CONVS[3:], ids=str)
 def test_sc_conv2d_wide_rows_equal_sc_matmul_on_patches(geometry: dict) -> None:
     """``cpu.sc_conv2d`` on rows of full and partial blocks of the paired kernel, against the
     torch reference's ``sc_matmul`` on im2col patches."""
@@ -416,4 +417,31 @@ def test_analog_conv2d_equals_analog_matmul_on_patches(
         )
         for g in range(groups)
     ]
+    assert torch.equal(out, _fold(parts, 2, size))
+
+
+@pytest.mark.parametrize("geometry", ROW_BLOCK_CONVS, ids=str)
+@pytest.mark.parametrize(("array_size", "adc_bits"), [(9, 4), (7, 8), (8, 4)])
+def test_analog_conv2d_row_blocks_equal_analog_matmul_on_patches(
+    geometry: dict, array_size: int, adc_bits: int
+) -> None:
+    """Rows of full and partial pixel blocks; some blocks read only zeros in some arrays; last
+    arrays shorter than the others (8 on K = 25 leaves one input)."""
+    c, o, k, groups = geometry["c"], geometry["o"], geometry["k"], geometry["groups"]
+    x = _rand(0, 255, (2, c, 6, geometry["width"]), 27)
+    x[x < 140] = 0
+    w = _rand(-127, 127, (o, c // groups, k, k), 28)
+    adc_max = 9_000
+    out = cpu.analog_conv2d(x, w, array_size, adc_bits, adc_max, **_conv_args(geometry))
+    rows, size = _per_group_patches(
+        x, (k, k), groups, geometry["stride"], geometry["padding"], geometry["dilation"]
+    )
+    og = o // groups
+    parts = [
+        torch_ref.analog_matmul(
+            rows[g], w[g * og : (g + 1) * og].reshape(og, -1), array_size, adc_bits, adc_max
+        )
+        for g in range(groups)
+    ]
+    assert out.abs().max() > 0
     assert torch.equal(out, _fold(parts, 2, size))

@@ -251,6 +251,11 @@ def sc_conv2d_paired(x, phase_a, table_a, b_pos, b_neg, geometry, out):  # type:
                         out[n, g * og + o, oh, ow0 + p] = ones
 
 
+# Output pixels of one row that ``analog_conv2d`` runs together (the loop below is written out
+# for four).
+ANALOG_PIXELS = 4
+
+
 @process_safe
 @numba.njit(parallel=True, cache=True, nogil=True)
 def analog_conv2d(x, b_pos, b_neg, array_size, levels, adc_max, geometry, out):  # type: ignore[no-untyped-def]
@@ -259,6 +264,12 @@ def analog_conv2d(x, b_pos, b_neg, array_size, levels, adc_max, geometry, out): 
     x: (N, C, H, W) non-negative ints of the accumulator dtype, already zero-padded;
     b_pos, b_neg: (G, K_g, O_g) of the same dtype, K_g ordered (channel, kh, kw); arrays are
     consecutive runs of ``array_size`` along K_g; out: (N, O, OH, OW) int64 code sums.
+
+    ANALOG_PIXELS neighbouring pixels of a row are accumulated together, so each weight load
+    serves all of them (1.2-1.3x faster on TinyConv's layers than one pixel at a time, the
+    2-core AVX2 CPU of 2026-12-07). Reduction indices where all of them read a zero input are
+    skipped, and so is the ADC of an array none of them saw a non-zero input in: a zero partial
+    sum converts to code 0, so converting it or not gives the same total.
     """
     n_batch, channels, _, _ = x.shape
     kh, kw, sh, sw, dh, dw, groups = geometry
@@ -269,39 +280,61 @@ def analog_conv2d(x, b_pos, b_neg, array_size, levels, adc_max, geometry, out): 
     for row in numba.prange(n_batch * oh_size):
         n = row // oh_size
         oh = row % oh_size
-        total = np.zeros(og, dtype=np.int64)
-        p_pos = np.zeros(og, dtype=b_pos.dtype)
-        p_neg = np.zeros(og, dtype=b_pos.dtype)
-        for ow in range(ow_size):
-            for g in range(groups):
-                total[:] = 0
-                p_pos[:] = 0
-                p_neg[:] = 0
+        total = np.empty((ANALOG_PIXELS, og), dtype=np.int64)
+        p_pos = np.zeros((ANALOG_PIXELS, og), dtype=b_pos.dtype)
+        p_neg = np.zeros((ANALOG_PIXELS, og), dtype=b_pos.dtype)
+        zero = x.dtype.type(0)
+        for g in range(groups):
+            for ow0 in range(0, ow_size, ANALOG_PIXELS):
+                total[:, :] = 0
                 k = 0
                 filled = 0  # inputs in the current array so far
                 used = False  # any non-zero input in the current array
                 for c in range(cg):
                     for i in range(kh):
                         for j in range(kw):
-                            value = x[n, g * cg + c, oh * sh + i * dh, ow * sw + j * dw]
-                            if value != 0:
+                            r, col = oh * sh + i * dh, ow0 * sw + j * dw
+                            channel = g * cg + c
+                            v0 = x[n, channel, r, col]
+                            v1 = x[n, channel, r, col + sw] if ow0 + 1 < ow_size else zero
+                            v2 = x[n, channel, r, col + 2 * sw] if ow0 + 2 < ow_size else zero
+                            v3 = x[n, channel, r, col + 3 * sw] if ow0 + 3 < ow_size else zero
+                            if (v0 | v1 | v2 | v3) != 0:
                                 used = True
                                 for o in range(og):
-                                    p_pos[o] += value * b_pos[g, k, o]
-                                    p_neg[o] += value * b_neg[g, k, o]
+                                    bp, bn = b_pos[g, k, o], b_neg[g, k, o]
+                                    p_pos[0, o] += v0 * bp
+                                    p_pos[1, o] += v1 * bp
+                                    p_pos[2, o] += v2 * bp
+                                    p_pos[3, o] += v3 * bp
+                                    p_neg[0, o] += v0 * bn
+                                    p_neg[1, o] += v1 * bn
+                                    p_neg[2, o] += v2 * bn
+                                    p_neg[3, o] += v3 * bn
                             k += 1
                             filled += 1
                             if filled == array_size:  # the array is full: convert, restart
                                 if used:
-                                    _adc_accumulate(p_pos, p_neg, levels, adc_max, two_max, total)
-                                    p_pos[:] = 0
-                                    p_neg[:] = 0
+                                    _adc_pixels(p_pos, p_neg, levels, adc_max, two_max, total)
                                 filled = 0
                                 used = False
                 if used:  # a shorter last array
-                    _adc_accumulate(p_pos, p_neg, levels, adc_max, two_max, total)
-                for o in range(og):
-                    out[n, g * og + o, oh, ow] = total[o]
+                    _adc_pixels(p_pos, p_neg, levels, adc_max, two_max, total)
+                for p in range(min(ANALOG_PIXELS, ow_size - ow0)):
+                    for o in range(og):
+                        out[n, g * og + o, oh, ow0 + p] = total[p, o]
+
+
+@numba.njit(inline="always")
+def _adc_pixels(p_pos, p_neg, levels, adc_max, two_max, total):  # type: ignore[no-untyped-def]
+    """``_adc_accumulate`` of each pixel's partial sums (rows), which it then zeroes."""
+    for p in range(total.shape[0]):
+        for o in range(total.shape[1]):
+            q_pos = np.floor((2.0 * levels * p_pos[p, o] + adc_max) / two_max)
+            q_neg = np.floor((2.0 * levels * p_neg[p, o] + adc_max) / two_max)
+            total[p, o] += np.int64(min(q_pos, levels)) - np.int64(min(q_neg, levels))
+            p_pos[p, o] = 0
+            p_neg[p, o] = 0
 
 
 @numba.njit(inline="always")
