@@ -161,7 +161,8 @@ def sc_conv2d(x, phase_a, table_a, b_pos, b_neg, geometry, out):  # type: ignore
                     out[n, g * og + o, oh, ow] = ones
 
 
-# Output pixels of one row that ``sc_conv2d_paired`` runs together, two per 64-bit word.
+# Output pixels of one row that ``sc_conv2d_paired`` runs together, two per 64-bit word (its
+# accumulation is written out for these four words).
 PAIRED_PIXELS = 8
 
 
@@ -170,13 +171,14 @@ PAIRED_PIXELS = 8
 def sc_conv2d_paired(x, phase_a, table_a, b_pos, b_neg, geometry, out):  # type: ignore[no-untyped-def]
     """``sc_conv2d`` for streams of one 32-bit word (L <= 32), same arguments and result.
 
-    ``sc_conv2d`` loads each weight's stream once per output pixel. Here the weight streams
-    are widened to 64 bits (the stream in both halves) and one AND-OR serves two pixels whose
-    activation words share a 64-bit word; a block of PAIRED_PIXELS pixels of a row reuses each
-    weight load for all of them. On TinyConv's layers (batch 128, the 2-core AVX2 CPU of
-    2026-12-07) that measured 1.3-1.9x faster than ``sc_conv2d`` (docs/benchmarks.md). The
-    reduction indices where every pixel of the block reads a zero input are skipped, as
-    ``sc_conv2d`` skips zero inputs.
+    ``sc_conv2d`` loads each weight's stream once per output pixel and reads and writes its
+    accumulators once per reduction index. Here the weight streams are widened to 64 bits (the
+    stream in both halves), so one AND-OR serves two pixels whose activation words share a
+    64-bit word; a block of PAIRED_PIXELS pixels of a row reuses each weight load for all of
+    them, and each pass over the block's accumulators ORs in two reduction indices. On
+    TinyConv's layers (batch 128, the 2-core AVX2 CPU of 2026-12-07) that measured 1.5-2.2x
+    faster than ``sc_conv2d`` (docs/benchmarks.md). Reduction indices where every pixel of the
+    block reads a zero input are skipped, as ``sc_conv2d`` skips zero inputs.
     """
     n_batch, channels, _, _ = x.shape
     kh, kw, sh, sw, dh, dw, groups = geometry
@@ -199,50 +201,65 @@ def sc_conv2d_paired(x, phase_a, table_a, b_pos, b_neg, geometry, out):  # type:
     for row in numba.prange(n_batch * oh_size):
         n = row // oh_size
         oh = row % oh_size
-        words = np.empty((depth, pairs), dtype=np.uint64)  # the block's words, live k only
-        live = np.empty(depth, dtype=np.int64)
+        # the block's activation words at the live reduction indices (one spare row: an odd
+        # count is padded with zero words, which OR in nothing)
+        words = np.empty((depth + 1, pairs), dtype=np.uint64)
+        live = np.empty(depth + 1, dtype=np.int64)
         acc_p = np.empty((pairs, og), dtype=np.uint64)
         acc_n = np.empty((pairs, og), dtype=np.uint64)
         for g in range(groups):
             for ow0 in range(0, ow_size, PAIRED_PIXELS):
+                full = ow0 + PAIRED_PIXELS <= ow_size  # no pixel past the row's end
                 count = 0
                 k = 0
                 for c in range(cg):
                     for i in range(kh):
                         for j in range(kw):
                             phase = phase_a[k]
+                            channel, r, col = g * cg + c, oh * sh + i * dh, ow0 * sw + j * dw
                             seen = np.uint64(0)
                             for q in range(pairs):
                                 word = np.uint64(0)
-                                for half in range(2):
-                                    ow = ow0 + 2 * q + half
-                                    if ow < ow_size:
-                                        value = x[n, g * cg + c, oh * sh + i * dh, ow * sw + j * dw]
-                                        bits = np.uint64(table_a[phase, value, 0])
-                                        word |= bits << np.uint64(32 * half)
+                                if full:
+                                    at = col + 2 * q * sw
+                                    word = np.uint64(table_a[phase, x[n, channel, r, at], 0])
+                                    bits = np.uint64(table_a[phase, x[n, channel, r, at + sw], 0])
+                                    word |= bits << high
+                                else:
+                                    for half in range(2):
+                                        if ow0 + 2 * q + half < ow_size:
+                                            value = x[n, channel, r, col + (2 * q + half) * sw]
+                                            bits = np.uint64(table_a[phase, value, 0])
+                                            word |= bits << np.uint64(32 * half)
                                 words[count, q] = word
                                 seen |= word
                             if seen != 0:
                                 live[count] = k
                                 count += 1
                             k += 1
+                if count % 2:
+                    live[count] = live[count - 1]
+                    words[count, :] = 0
+                    count += 1
                 acc_p[:, :] = 0
                 acc_n[:, :] = 0
-                for t in range(count):
-                    k = live[t]
-                    # written out for the four pairs so that the o loop vectorizes
-                    w0, w1, w2, w3 = words[t, 0], words[t, 1], words[t, 2], words[t, 3]
+                for t in range(0, count, 2):
+                    k0, k1 = live[t], live[t + 1]
+                    # written out for the four words so that the o loop vectorizes
+                    a0, a1, a2, a3 = words[t, 0], words[t, 1], words[t, 2], words[t, 3]
+                    b0, b1 = words[t + 1, 0], words[t + 1, 1]
+                    b2, b3 = words[t + 1, 2], words[t + 1, 3]
                     for o in range(og):
-                        vp = wide_pos[g, k, o]
-                        vn = wide_neg[g, k, o]
-                        acc_p[0, o] |= w0 & vp
-                        acc_p[1, o] |= w1 & vp
-                        acc_p[2, o] |= w2 & vp
-                        acc_p[3, o] |= w3 & vp
-                        acc_n[0, o] |= w0 & vn
-                        acc_n[1, o] |= w1 & vn
-                        acc_n[2, o] |= w2 & vn
-                        acc_n[3, o] |= w3 & vn
+                        p0, n0 = wide_pos[g, k0, o], wide_neg[g, k0, o]
+                        p1, n1 = wide_pos[g, k1, o], wide_neg[g, k1, o]
+                        acc_p[0, o] |= (a0 & p0) | (b0 & p1)
+                        acc_p[1, o] |= (a1 & p0) | (b1 & p1)
+                        acc_p[2, o] |= (a2 & p0) | (b2 & p1)
+                        acc_p[3, o] |= (a3 & p0) | (b3 & p1)
+                        acc_n[0, o] |= (a0 & n0) | (b0 & n1)
+                        acc_n[1, o] |= (a1 & n0) | (b1 & n1)
+                        acc_n[2, o] |= (a2 & n0) | (b2 & n1)
+                        acc_n[3, o] |= (a3 & n0) | (b3 & n1)
                 for p in range(min(PAIRED_PIXELS, ow_size - ow0)):
                     shift = np.uint64(32 * (p % 2))
                     for o in range(og):
