@@ -141,6 +141,32 @@ def test_pair_sums_are_both_exact_sums_times_the_scale(
         )
 
 
+@pytest.mark.parametrize("geometry", [*GEOMETRIES, (2, 6, 6, 1, 3, 1, 1, 1, 2)])
+@pytest.mark.parametrize("height", [None, 5])
+@pytest.mark.parametrize("order", ["channels-last", "plain"])
+def test_window_sums_are_each_windows_sum_of_its_groups_codes(
+    geometry: tuple[int, ...], height: int | None, order: str
+) -> None:
+    """The shift's correction term: for each output position and group, the sum of the codes
+    its window reads (zero padding outside), against a float64 convolution of ones; square
+    and non-square maps, strides, dilation, groups, a 1x1 input, all codes at 255."""
+    n, c, _, size, k = geometry[:5]
+    conv = _geometry(geometry)
+    groups = conv.groups
+    gen = torch.Generator().manual_seed(sum(geometry))
+    shape = (n, c, height or size, size)
+    codes = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+    codes[0] = 255
+    if order == "channels-last":
+        codes = codes.contiguous(memory_format=torch.channels_last)
+    got = integer_conv._window_sums(codes, torch.Size((k, k)), conv)
+    ones = torch.ones(groups, c // groups, k, k, dtype=torch.float64)
+    per_group = F.conv2d(codes.double(), ones, None, conv.stride, conv.padding, conv.dilation,
+                         groups)  # fmt: skip
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.equal(got, per_group.float())
+
+
 def test_pair_sums_past_the_shifts_float32_range_take_two_exact_convolutions(
     int8_path: Int8Path,
 ) -> None:
