@@ -19,6 +19,11 @@ from approxctl import streams
 from approxctl.backends import cpu_kernels, lowrank
 
 INT32_SAFE = (1 << 31) - 1
+# analog_conv2d's accumulators per pixel for groups of 16 to 31 output channels: LLVM runs its
+# loop over the outputs vectorized only from 32 iterations on, so below that the loop is scalar;
+# zero weights up to 32 made ResNet-tiny's 16-channel layers 1.5x faster (the 2-core AVX2 CPU
+# of 2026-12-07), for twice the multiply-adds. Fewer than 16 channels are left as they are.
+ANALOG_VECTOR = 32
 
 
 @functools.cache
@@ -224,6 +229,9 @@ def analog_conv2d(
     values = b.reshape(groups, o // groups, cg * kh * kw).numpy()
     b_pos = np.ascontiguousarray(np.maximum(values, 0).transpose(0, 2, 1).astype(acc))
     b_neg = np.ascontiguousarray(np.maximum(-values, 0).transpose(0, 2, 1).astype(acc))
+    if ANALOG_VECTOR // 2 <= o // groups < ANALOG_VECTOR:  # zero weights up to one full vector
+        widen = ((0, 0), (0, 0), (0, ANALOG_VECTOR - o // groups))
+        b_pos, b_neg = np.pad(b_pos, widen), np.pad(b_neg, widen)
     xp = _padded(x, padding, np.dtype(acc))
     out_h = _output_size(xp.shape[2], kh, stride[0], dilation[0])
     out_w = _output_size(xp.shape[3], kw, stride[1], dilation[1])
