@@ -23,15 +23,12 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import safetensors.torch
 import torch
+from round_robin import batch_and_model
 
 from approxctl import calibrate, convert, set_mode
 from approxctl.backends import cpu_kernels
 from approxctl.models import BUILTIN_MODELS
-from approxctl.pipeline import DataOptions
-from approxctl.runtime import keep_freed_memory
-from approxctl.sources import load_weights_into
 
 KERNELS = {"sc": ("sc_conv2d_paired", "sc_conv2d"), "analog": ("analog_conv2d",)}
 
@@ -70,12 +67,8 @@ def main() -> None:
         "--weights", help="float weights (.safetensors) to start from; default: random init"
     )
     args = parser.parse_args()
-    keep_freed_memory()
-    torch.manual_seed(0)
-    x, _ = next(iter(DataOptions(batch_size=args.batch_size).load().train))
-    model = BUILTIN_MODELS[args.model](in_channels=1, num_classes=10, image_size=32)
-    if args.weights:  # trained weights: how many inputs are zero (skipped) depends on them
-        load_weights_into(model, safetensors.torch.load_file(args.weights), args.weights)
+    # trained weights: how many inputs are zero (skipped) depends on them
+    x, _, model = batch_and_model(args.model, args.batch_size, args.weights)
     model = convert(model, args.target)
     calibrate(model, [x])
     model.eval()

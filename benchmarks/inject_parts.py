@@ -39,10 +39,9 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
-from round_robin import seconds_per_step
+from round_robin import batch_and_model, seconds_per_step
 
 from approxctl import (
     calibrate,
@@ -58,9 +57,6 @@ from approxctl.backends import cpu_int8, cpu_sparse_grad
 from approxctl.integer_conv import PairCodes
 from approxctl.layers import ApproxConv2d
 from approxctl.models import BUILTIN_MODELS
-from approxctl.pipeline import DataOptions
-from approxctl.runtime import keep_freed_memory
-from approxctl.sources import load_weights_into
 from approxctl.targets.approx_mult import ApproxMultTarget
 
 Patch = tuple[Any, str, Callable[..., Any]]  # (owner, attribute, replacement)
@@ -124,12 +120,8 @@ def main() -> None:
         "--weights", help="float weights (.safetensors) to start from; default: random init"
     )
     args = parser.parse_args()
-    keep_freed_memory()
-    torch.manual_seed(0)
-    x, y = next(iter(DataOptions(batch_size=args.batch_size).load().train))
-    model = BUILTIN_MODELS[args.model](in_channels=1, num_classes=10, image_size=32)
-    if args.weights:  # trained weights: analog's saturation, hence its backward, depends on them
-        load_weights_into(model, safetensors.torch.load_file(args.weights), args.weights)
+    # trained weights: analog's saturation, hence its backward, depends on them
+    x, y, model = batch_and_model(args.model, args.batch_size, args.weights)
     model = convert(model, args.target)
     calibrate(model, [x])
     fit_error_model(model, [x])

@@ -1,9 +1,18 @@
-"""Timing shared by the round-robin benchmarks (``inject_parts.py``, ``memory_format.py``)."""
+"""What the benchmarks share: timing round-robin (``inject_parts.py``, ``memory_format.py``)
+and one Fashion-MNIST batch with a built-in model (``inject_parts.py``, ``direct_convs.py``)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+
+import safetensors.torch
+import torch
+
+from approxctl.models import BUILTIN_MODELS
+from approxctl.pipeline import DataOptions
+from approxctl.runtime import keep_freed_memory
+from approxctl.sources import load_weights_into
 
 WARMUP_STEPS = 2
 TIMED_STEPS = 3
@@ -18,3 +27,17 @@ def seconds_per_step(step: Callable[[], None]) -> float:
     for _ in range(TIMED_STEPS):
         step()
     return (time.perf_counter() - start) / TIMED_STEPS
+
+
+def batch_and_model(
+    model_name: str, batch_size: int, weights: str | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """The command line's process settings, seed 0, one training batch of Fashion-MNIST and the
+    built-in model for it, with the float ``weights`` (.safetensors) if given."""
+    keep_freed_memory()
+    torch.manual_seed(0)
+    x, y = next(iter(DataOptions(batch_size=batch_size).load().train))
+    model = BUILTIN_MODELS[model_name](in_channels=1, num_classes=10, image_size=32)
+    if weights:
+        load_weights_into(model, safetensors.torch.load_file(weights), weights)
+    return x, y, model

@@ -294,21 +294,28 @@ def test_sc_conv2d_equals_sc_matmul_on_patches(geometry: dict, length: int) -> N
     w_neg = _rand(0, length // 4, (o, c // groups, k, k), 13)
     rules = {"phase_a": (1, 0), "phase_b": (3, 1)}
     out = cpu.sc_conv2d(x, w_pos, w_neg, length, **rules, **_conv_args(geometry))
+    assert torch.equal(out.long(), _sc_on_patches(x, w_pos, w_neg, geometry, length, rules))
+
+
+def _sc_on_patches(
+    x: torch.Tensor, w_pos: torch.Tensor, w_neg: torch.Tensor, geometry: dict, length: int,
+    rules: dict,
+) -> torch.Tensor:  # fmt: skip
+    """The torch reference's ``sc_matmul`` on each group's im2col patches, as (N, O, OH, OW)
+    counts of ones(pos) - ones(neg)."""
+    k, groups = w_pos.shape[-1], geometry["groups"]
     rows, size = _per_group_patches(
         x, (k, k), groups, geometry["stride"], geometry["padding"], geometry["dilation"]
     )
-    og = o // groups
+    og = w_pos.shape[0] // groups
     diffs = []
     for g in range(groups):
         counts = torch_ref.sc_matmul(
-            rows[g],
-            w_pos[g * og : (g + 1) * og].reshape(og, -1),
-            w_neg[g * og : (g + 1) * og].reshape(og, -1),
-            length,
-            **rules,
-        )
+            rows[g], w_pos[g * og : (g + 1) * og].reshape(og, -1),
+            w_neg[g * og : (g + 1) * og].reshape(og, -1), length, **rules,
+        )  # fmt: skip
         diffs.append(counts[..., 0] - counts[..., 1])
-    assert torch.equal(out.long(), _fold(diffs, 2, size))
+    return _fold(diffs, x.shape[0], size)
 
 
 # Output widths around the blocks of pixels the direct kernels run together (8 for sc's paired
@@ -382,21 +389,9 @@ def test_sc_conv2d_wide_rows_equal_sc_matmul_on_patches(geometry: dict) -> None:
     x[x < length // 3] = 0
     w_pos = _rand(0, length // 2, (o, c // groups, k, k), 25)
     w_neg = _rand(0, length // 2, (o, c // groups, k, k), 26)
-    out = cpu.sc_conv2d(x, w_pos, w_neg, length, phase_a=(1, 0), phase_b=(3, 1),
-                        **_conv_args(geometry))  # fmt: skip
-    rows, size = _per_group_patches(
-        x, (k, k), groups, geometry["stride"], geometry["padding"], geometry["dilation"]
-    )
-    og = o // groups
-    diffs = []
-    for g in range(groups):
-        counts = torch_ref.sc_matmul(
-            rows[g], w_pos[g * og : (g + 1) * og].reshape(og, -1),
-            w_neg[g * og : (g + 1) * og].reshape(og, -1), length, phase_a=(1, 0),
-            phase_b=(3, 1),
-        )  # fmt: skip
-        diffs.append(counts[..., 0] - counts[..., 1])
-    assert torch.equal(out.long(), _fold(diffs, 2, size))
+    rules = {"phase_a": (1, 0), "phase_b": (3, 1)}
+    out = cpu.sc_conv2d(x, w_pos, w_neg, length, **rules, **_conv_args(geometry))
+    assert torch.equal(out.long(), _sc_on_patches(x, w_pos, w_neg, geometry, length, rules))
 
 
 @pytest.mark.parametrize("geometry", DIRECT_CONVS, ids=str)
@@ -410,17 +405,26 @@ def test_analog_conv2d_equals_analog_matmul_on_patches(
     w = _rand(-127, 127, (o, c // groups, k, k), 15)
     adc_max = 20_000
     out = cpu.analog_conv2d(x, w, array_size, adc_bits, adc_max, **_conv_args(geometry))
+    assert torch.equal(out, _analog_on_patches(x, w, geometry, array_size, adc_bits, adc_max))
+
+
+def _analog_on_patches(
+    x: torch.Tensor, w: torch.Tensor, geometry: dict, array_size: int, adc_bits: int,
+    adc_max: int,
+) -> torch.Tensor:  # fmt: skip
+    """The torch reference's ``analog_matmul`` on each group's im2col patches, (N, O, OH, OW)."""
+    k, groups = w.shape[-1], geometry["groups"]
     rows, size = _per_group_patches(
         x, (k, k), groups, geometry["stride"], geometry["padding"], geometry["dilation"]
     )
-    og = o // groups
+    og = w.shape[0] // groups
     parts = [
         torch_ref.analog_matmul(
             rows[g], w[g * og : (g + 1) * og].reshape(og, -1), array_size, adc_bits, adc_max
         )
         for g in range(groups)
     ]
-    assert torch.equal(out, _fold(parts, 2, size))
+    return _fold(parts, x.shape[0], size)
 
 
 @pytest.mark.parametrize("geometry", ROW_BLOCK_CONVS, ids=str)
@@ -436,15 +440,5 @@ def test_analog_conv2d_row_blocks_equal_analog_matmul_on_patches(
     w = _rand(-127, 127, (o, c // groups, k, k), 28)
     adc_max = 9_000
     out = cpu.analog_conv2d(x, w, array_size, adc_bits, adc_max, **_conv_args(geometry))
-    rows, size = _per_group_patches(
-        x, (k, k), groups, geometry["stride"], geometry["padding"], geometry["dilation"]
-    )
-    og = o // groups
-    parts = [
-        torch_ref.analog_matmul(
-            rows[g], w[g * og : (g + 1) * og].reshape(og, -1), array_size, adc_bits, adc_max
-        )
-        for g in range(groups)
-    ]
     assert out.abs().max() > 0
-    assert torch.equal(out, _fold(parts, 2, size))
+    assert torch.equal(out, _analog_on_patches(x, w, geometry, array_size, adc_bits, adc_max))

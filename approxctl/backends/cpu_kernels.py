@@ -176,7 +176,7 @@ def sc_conv2d_paired(x, phase_a, table_a, b_pos, b_neg, geometry, out):  # type:
     stream in both halves), so one AND-OR serves two pixels whose activation words share a
     64-bit word; a block of PAIRED_PIXELS pixels of a row reuses each weight load for all of
     them, and each pass over the block's accumulators ORs in two reduction indices. On
-    TinyConv's layers (batch 128, the 2-core AVX2 CPU of 2026-12-07) that measured 1.5-2.2x
+    TinyConv's layers (batch 128, the 2-core AVX2 CPU of 2026-12-07) that measured 1.3-2.2x
     faster than ``sc_conv2d`` (docs/benchmarks.md). Reduction indices where every pixel of the
     block reads a zero input are skipped, as ``sc_conv2d`` skips zero inputs.
     """
@@ -285,7 +285,7 @@ def analog_conv2d(x, b_pos, b_neg, array_size, levels, adc_max, geometry, out): 
     (N, O, OH, OW) int64 code sums.
 
     ANALOG_PIXELS neighbouring pixels of a row are accumulated together, so each weight load
-    serves all of them; with the code sums kept in float64 that measured 1.3-1.65x faster on
+    serves all of them; with the code sums kept in float64 that measured 1.3-1.75x faster on
     TinyConv's layers than one pixel at a time with int64 sums (the 2-core AVX2 CPU of
     2026-12-07). Reduction indices where all of them read a zero input are
     skipped, and so is the ADC of an array none of them saw a non-zero input in: a zero partial
