@@ -427,6 +427,28 @@ def _analog_on_patches(
     return _fold(parts, x.shape[0], size)
 
 
+def test_analog_conv2d_kernel_gives_the_same_codes_with_int64_accumulators() -> None:
+    """Arrays past 66,300 inputs accumulate in int64 (cpu.analog_conv2d): the kernel on int64
+    operands against the same operands in int32, widened output groups included."""
+    from approxctl.backends import cpu_kernels
+
+    x = _rand(0, 255, (2, 6, 7, 9), 29).numpy().astype(np.int32)
+    x[x < 120] = 0
+    w = _rand(-127, 127, (2, 27, 20), 30).numpy().astype(np.int32)  # (G, K_g, O_g)
+    w_pos = np.pad(np.maximum(w, 0), ((0, 0), (0, 0), (0, 12)))  # widened to 32, as cpu.py does
+    w_neg = np.pad(np.maximum(-w, 0), ((0, 0), (0, 0), (0, 12)))
+    geometry = np.array([3, 3, 1, 2, 1, 1, 2], dtype=np.int64)  # 3x3, stride (1, 2), groups 2
+    outs = []
+    for dtype in (np.int32, np.int64):
+        out = np.empty((2, 40, 5, 4), dtype=np.int64)
+        cpu_kernels.analog_conv2d(
+            x.astype(dtype), w_pos.astype(dtype), w_neg.astype(dtype), 7, 15, 4000, geometry, out
+        )
+        outs.append(out)
+    assert np.abs(outs[0]).max() > 0
+    np.testing.assert_array_equal(outs[1], outs[0])
+
+
 @pytest.mark.parametrize("geometry", ROW_BLOCK_CONVS, ids=str)
 @pytest.mark.parametrize(("array_size", "adc_bits"), [(9, 4), (7, 8), (8, 4)])
 def test_analog_conv2d_row_blocks_equal_analog_matmul_on_patches(
