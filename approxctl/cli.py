@@ -704,6 +704,7 @@ def profile(
 ) -> None:
     """Seconds per training step and memory in float, exact and inject mode (Tables 6/7)."""
     from approxctl.pipeline import DataOptions, profile_source
+    from approxctl.profile import unsteady_ratios
 
     options = {}
     if target is not None:
@@ -744,6 +745,11 @@ def profile(
     out.print(table)
     out.print("x float: median step over float's; per round: the middle half of the ratios "
               "within each round (every configuration runs once per round)")  # fmt: skip
+    unsteady = unsteady_ratios(result)
+    if unsteady:
+        out.print(f"x float of {', '.join(unsteady)} lies outside its per-round range: the "
+                  "machine's speed moved during the run; read the per-round range, or run "
+                  "again with more --iters")  # fmt: skip
     kind = (
         "peak CUDA memory"
         if result["memory"] == "cuda_peak_allocated"

@@ -68,6 +68,23 @@ def paired_ratio_quartiles(times: list[float], base_times: list[float]) -> list[
     return [q1, q3]
 
 
+def unsteady_ratios(result: dict[str, Any]) -> list[str]:
+    """The configurations of a ``profile_modes`` result whose ratio (median step over float's
+    median step) lies outside the middle half of its per-round ratios: the machine's speed moved
+    during the run, so the per-round range says more than that ratio (on a shared VM, a slow
+    stretch of float steps alone once put analog's inject ratio at 1.10 while its rounds read
+    1.13-1.23)."""
+    found = []
+    groups = (("ratios", "ratio_quartiles", ""), ("checkpointing_ratios",
+              "checkpointing_ratio_quartiles", " + checkpointing"))  # fmt: skip
+    for ratios, quartiles, suffix in groups:
+        for mode, ratio in result.get(ratios, {}).items():
+            low, high = result[quartiles][mode]
+            if not low <= ratio <= high:
+                found.append(mode + suffix)
+    return found
+
+
 class _Stepper:
     """One training configuration (mode, checkpointing) of a model on a fixed batch."""
 

@@ -14,7 +14,12 @@ from approxctl.cli import app
 from approxctl.convert import set_checkpointing
 from approxctl.models import TinyConv
 from approxctl.noise import use_kernels
-from approxctl.profile import _saved_tensor_mb, paired_ratio_quartiles, profile_modes
+from approxctl.profile import (
+    _saved_tensor_mb,
+    paired_ratio_quartiles,
+    profile_modes,
+    unsteady_ratios,
+)
 
 
 def _converted(target: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -74,6 +79,20 @@ def test_paired_ratios_pair_each_round_with_its_float_step() -> None:
     # Rounds 2 and 4 ran on a machine twice as slow: paired, every ratio is 2.
     assert paired_ratio_quartiles([2.0, 4.0, 2.0, 4.0], [1.0, 2.0, 1.0, 2.0]) == [2.0, 2.0]
     assert paired_ratio_quartiles([2.0, 4.0, 6.0, 8.0], [1.0] * 4) == [3.5, 6.5]
+
+
+def test_unsteady_ratios_name_the_ratios_outside_their_per_round_range() -> None:
+    result = {
+        "ratios": {"exact": 2.9, "inject": 1.097},
+        "ratio_quartiles": {"exact": [2.8, 3.0], "inject": [1.13, 1.23]},
+        "checkpointing_ratios": {"exact": 3.3, "inject": 1.9},
+        "checkpointing_ratio_quartiles": {"exact": [3.3, 3.6], "inject": [1.77, 1.89]},
+    }
+    assert unsteady_ratios(result) == ["inject", "inject + checkpointing"]
+    del result["checkpointing_ratios"]  # a run without checkpointing
+    assert unsteady_ratios(result) == ["inject"]
+    result["ratios"]["inject"] = 1.13  # the range's ends count as inside
+    assert unsteady_ratios(result) == []
 
 
 def test_profile_cli_json_shape() -> None:
