@@ -57,6 +57,7 @@ from approxctl.backends import cpu_int8, cpu_sparse_grad
 from approxctl.integer_conv import PairCodes
 from approxctl.layers import ApproxConv2d
 from approxctl.models import BUILTIN_MODELS
+from approxctl.profile import paired_ratio_quartiles
 from approxctl.targets.approx_mult import ApproxMultTarget
 
 Patch = tuple[Any, str, Callable[..., Any]]  # (owner, attribute, replacement)
@@ -160,7 +161,8 @@ def main() -> None:
     print("|---|---|---|")
     for name in configs:
         ratios = [t / f for t, f in zip(times[name], times["float"], strict=True)]
-        q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+        median = statistics.median(ratios)
+        q1, q3 = paired_ratio_quartiles(times[name], times["float"])  # one round: its ratio
         ms = statistics.median(times[name]) * 1e3
         print(f"| {name} | {ms:.1f} | {median:.3f} ({q1:.3f}-{q3:.3f}) |")
 
