@@ -24,11 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from round_robin import batch_and_model
+from round_robin import add_batch_and_model_options, batch_and_model
 
 from approxctl import calibrate, convert, set_mode
 from approxctl.backends import cpu_kernels
-from approxctl.models import BUILTIN_MODELS
 
 KERNELS = {"sc": ("sc_conv2d_paired", "sc_conv2d"), "analog": ("analog_conv2d",)}
 
@@ -60,12 +59,8 @@ def record_calls(model: torch.nn.Module, x: torch.Tensor, names: tuple[str, ...]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--target", default="sc", choices=sorted(KERNELS))
-    parser.add_argument("--model", default="tinyconv", choices=sorted(BUILTIN_MODELS))
-    parser.add_argument("--batch-size", type=int, default=128)
+    add_batch_and_model_options(parser)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument(
-        "--weights", help="float weights (.safetensors) to start from; default: random init"
-    )
     args = parser.parse_args()
     # trained weights: how many inputs are zero (skipped) depends on them
     x, _, model = batch_and_model(args.model, args.batch_size, args.weights)

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from round_robin import batch_and_model, seconds_per_step
+from round_robin import add_batch_and_model_options, batch_and_model, seconds_per_step
 
 from approxctl import (
     calibrate,
@@ -56,7 +56,6 @@ from approxctl import quantized_conv as quantized
 from approxctl.backends import cpu_int8, cpu_sparse_grad
 from approxctl.integer_conv import PairCodes
 from approxctl.layers import ApproxConv2d
-from approxctl.models import BUILTIN_MODELS
 from approxctl.profile import paired_ratio_quartiles
 from approxctl.targets.approx_mult import ApproxMultTarget
 
@@ -109,17 +108,13 @@ def variants(target: str) -> dict[str, list[Patch]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--target", default="am", choices=["am", "sc", "analog"])
-    parser.add_argument("--model", default="tinyconv", choices=sorted(BUILTIN_MODELS))
-    parser.add_argument("--batch-size", type=int, default=128)
+    add_batch_and_model_options(parser)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument(
         "--channels-last", action="store_true",
         help="model and input in channels-last memory order (every mode; the kernels take the "
         "plain order, so inject transposes)",
     )  # fmt: skip
-    parser.add_argument(
-        "--weights", help="float weights (.safetensors) to start from; default: random init"
-    )
     args = parser.parse_args()
     # trained weights: analog's saturation, hence its backward, depends on them
     x, y, model = batch_and_model(args.model, args.batch_size, args.weights)

@@ -3,6 +3,7 @@ and one Fashion-MNIST batch with a built-in model (``inject_parts.py``, ``direct
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 
@@ -27,6 +28,15 @@ def seconds_per_step(step: Callable[[], None]) -> float:
     for _ in range(TIMED_STEPS):
         step()
     return (time.perf_counter() - start) / TIMED_STEPS
+
+
+def add_batch_and_model_options(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--batch-size`` and ``--weights``: what ``batch_and_model`` takes."""
+    parser.add_argument("--model", default="tinyconv", choices=sorted(BUILTIN_MODELS))
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--weights", help="float weights (.safetensors) to start from; default: random init"
+    )
 
 
 def batch_and_model(
