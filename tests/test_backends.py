@@ -333,32 +333,32 @@ ROW_BLOCK_CONVS = [
 ]
 
 
-def _sc_kernel_operands(geometry: dict, length: int, x: torch.Tensor) -> tuple:  # type: ignore[type-arg]
-    """What ``cpu.sc_conv2d`` passes its kernel, for ``x`` and random weight streams."""
+def _sc_kernel_operands(
+    geometry: dict, length: int, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> list:  # type: ignore[type-arg]
+    """What ``cpu.sc_conv2d`` passes its kernel (its output array last), for ``x`` and random
+    weights, recorded from a call."""
+    from approxctl.backends import cpu_kernels
+
     c, o, k, groups = geometry["c"], geometry["o"], geometry["k"], geometry["groups"]
     w_pos = _rand(0, length, (o, c // groups, k, k), 22)
     w_neg = _rand(0, length, (o, c // groups, k, k), 23)
     w_pos[w_neg > w_pos] = 0  # a weight has one sign: one of its two streams is empty
-    depth = (c // groups) * k * k
-    table_a, pa, table_b, pb = cpu._stream_tables(length, depth, (1, 0), (3, 1))
-
-    def streams(b: torch.Tensor) -> np.ndarray:
-        values = b.reshape(groups, o // groups, depth).numpy().astype(np.int64)
-        return np.ascontiguousarray(table_b[pb[None, None, :], values, :].transpose(0, 2, 3, 1))
-
-    pad, stride, dilation = geometry["padding"], geometry["stride"], geometry["dilation"]
-    xp = cpu._padded(x, (pad, pad), np.dtype(np.uint8))
-    out_h = cpu._output_size(xp.shape[2], k, stride, dilation)
-    out_w = cpu._output_size(xp.shape[3], k, stride, dilation)
-    geometry_args = cpu._geometry(w_pos, (stride, stride), (dilation, dilation), groups)
-    shape = (x.shape[0], o, out_h, out_w)
-    return xp, pa, table_a, streams(w_pos), streams(w_neg), geometry_args, shape
+    recorded: list = []  # type: ignore[type-arg]
+    monkeypatch.setattr(
+        cpu_kernels, "sc_conv2d_paired", lambda *operands: recorded.extend(operands)
+    )
+    cpu.sc_conv2d(x, w_pos, w_neg, length, phase_a=(1, 0), phase_b=(3, 1), **_conv_args(geometry))
+    monkeypatch.undo()
+    return recorded
 
 
 @pytest.mark.parametrize("geometry", ROW_BLOCK_CONVS, ids=str)
 @pytest.mark.parametrize("length", [16, 32])
 @pytest.mark.parametrize("inputs", ["sparse", "zero", "full"])
-def test_sc_conv2d_paired_equals_row_kernel(geometry: dict, length: int, inputs: str) -> None:
+def test_sc_conv2d_paired_equals_row_kernel(
+    geometry: dict, length: int, inputs: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The kernel that runs two pixels per 64-bit word (streams of one 32-bit word) against the
     one that runs one pixel at a time, bit for bit: random inputs, half of them zero (the
     skipped reduction indices), all zero and all at L (every stream full)."""
@@ -369,9 +369,9 @@ def test_sc_conv2d_paired_equals_row_kernel(geometry: dict, length: int, inputs:
         x[x < length // 2] = 0
     else:
         x.fill_(0 if inputs == "zero" else length)
-    *operands, shape = _sc_kernel_operands(geometry, length, x)
+    *operands, out = _sc_kernel_operands(geometry, length, x, monkeypatch)
     assert operands[2].dtype == np.uint32 and operands[2].shape[2] == 1  # one 32-bit word
-    row, paired = np.empty(shape, dtype=np.int32), np.full(shape, -999, dtype=np.int32)
+    row, paired = np.empty_like(out), np.full_like(out, -999)
     cpu_kernels.sc_conv2d(*operands, row)
     cpu_kernels.sc_conv2d_paired(*operands, paired)
     np.testing.assert_array_equal(paired, row)
