@@ -13,12 +13,13 @@ error):
 * "second backward": the layers with at least ``MIN_REDUCTION`` products per output (those
   whose inject forward is one integer convolution over both signs, costing no more than the
   float one: ``approxctl.integer_conv``) run their float forward and then two dense backward
-  passes, input and weight gradients each; the first layer stays float (its fused kernel,
-  ``approxctl.fused_conv``, computes both weight gradients faster than oneDNN computes one).
-  That is sc's floor as shipped: SC_act's gradients ``g e^-z+`` and ``-g e^-z-`` differ at
-  every output, so each such layer needs two backward passes (analog's sign pair,
-  ``approxctl.sign_pair``, needs one where its clamps do not bind). The backward passes are
-  given the same output gradient: their cost does not depend on its values.
+  passes, input and weight gradients each. Every other layer stays float: the first layer's
+  fused kernel (``approxctl.fused_conv``) computes both its weight gradients faster than oneDNN
+  computes one, and the few other small layers (ResNet's 1x1 shortcuts) are left out, so this
+  is a lower bound. It is sc's floor as shipped: SC_act's gradients ``g e^-z+`` and
+  ``-g e^-z-`` differ at every output, so each such layer needs two backward passes (analog's
+  sign pair, ``approxctl.sign_pair``, needs one where its clamps do not bind). The backward
+  passes are given the same output gradient: their cost does not depend on its values.
 
 The results of record are in docs/benchmarks.md.
 """
