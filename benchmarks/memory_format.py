@@ -2,7 +2,7 @@
 built-in model and for its converted copy in float mode, timed round-robin in one process.
 
     python benchmarks/memory_format.py [--model tinyconv] [--target analog] [--batch-size 128]
-                                       [--rounds 9]
+                                       [--rounds 9] [--weights FLOAT.safetensors]
 
 Each round runs every configuration for 2 warm-up and 3 timed training steps (forward,
 cross-entropy, backward, SGD) on one Fashion-MNIST batch; the table gives each configuration's
@@ -19,25 +19,19 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from round_robin import seconds_per_step
+from round_robin import add_batch_and_model_options, batch_and_model, seconds_per_step
 
 from approxctl import calibrate, convert, set_mode
-from approxctl.models import BUILTIN_MODELS
-from approxctl.pipeline import DataOptions
-from approxctl.runtime import keep_freed_memory
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="tinyconv", choices=sorted(BUILTIN_MODELS))
     parser.add_argument("--target", default="analog", choices=["am", "sc", "analog"])
-    parser.add_argument("--batch-size", type=int, default=128)
+    add_batch_and_model_options(parser)
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
-    keep_freed_memory()
-    torch.manual_seed(0)
-    x, y = next(iter(DataOptions(batch_size=args.batch_size).load().train))
-    plain = BUILTIN_MODELS[args.model](in_channels=1, num_classes=10, image_size=32).train()
+    x, y, plain = batch_and_model(args.model, args.batch_size, args.weights)
+    plain.train()
     converted = convert(copy.deepcopy(plain), args.target)
     calibrate(converted, [x])
     set_mode(converted, "float")

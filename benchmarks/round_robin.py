@@ -1,5 +1,6 @@
 """What the benchmarks share: timing round-robin (``inject_parts.py``, ``memory_format.py``)
-and one Fashion-MNIST batch with a built-in model (``inject_parts.py``, ``direct_convs.py``)."""
+and one Fashion-MNIST batch with a built-in model (``inject_parts.py``, ``direct_convs.py``,
+``memory_format.py``)."""
 
 from __future__ import annotations
 
