@@ -6,7 +6,9 @@ onto the polynomials' window [-1, 1], ``eps ~ N(0, 1)``, and it is added times `
 gradient passes straight through.
 
 On CPU (float32) numba kernels draw it in the same pass that computes the proxy activation
-(``approxctl.proxy_ops``), or in one pass of its own (``add_error``). Their normal samples come
+(``approxctl.proxy_ops``), or in one pass of its own (``add_error``); on CUDA (float32, CuPy
+installed) CUDA kernels do the same (``approxctl.backends.cuda_pointwise``, one hash per
+element, so their draws differ from the CPU's, not their distribution). Their normal samples come
 from inverse-CDF sampling over 2^12 equiprobable quantiles of N(0, 1) (rescaled to exactly unit
 variance), picked by a 32-bit counter hash of the element's index and a key drawn from torch's
 generator, so ``torch.manual_seed`` makes runs reproducible and threading cannot change them. The
@@ -140,6 +142,14 @@ def use_kernels(*tensors: torch.Tensor) -> bool:
 class _AddError(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, spec, scale, bias, layout, inplace):  # type: ignore[no-untyped-def]
+        from approxctl.backends import cuda_pointwise  # imports this module
+
+        if cuda_pointwise.usable(y) and y.is_contiguous():
+            out = y if inplace else torch.empty_like(y)
+            if inplace:
+                ctx.mark_dirty(y)
+            cuda_pointwise.add_error(y, out, spec, scale, bias, layout)
+            return out
         if use_kernels(y) and y.is_contiguous():
             out = y if inplace else torch.empty_like(y)
             if inplace:

@@ -5,7 +5,8 @@ The proxies take the positive- and negative-weight accumulations and return floa
 of two activations, a subtraction and an affine map, each with its own saved tensors. In
 ``inject`` mode they also add the injected error drawn at the activation's value (SPEC section 4).
 On CPU float32 tensors the forward and the backward are one numba pass each
-(``approxctl.backends.cpu_pointwise``); elsewhere they are composed torch ops.
+(``approxctl.backends.cpu_pointwise``), on CUDA float32 tensors one CUDA kernel each where CuPy
+is installed (``approxctl.backends.cuda_pointwise``); elsewhere they are composed torch ops.
 (The two accumulations are separate convolutions: oneDNN runs two convs with O outputs
 markedly faster than one with 2O for this project's layer shapes, measured on the CI CPU.)
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from approxctl.backends import cuda_pointwise
 from approxctl.noise import (
     TABLE_BITS,
     ChannelLayout,
@@ -60,6 +62,13 @@ class _ScActivation(torch.autograd.Function):
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.layout = layout
         ctx.fused = layout is not None and use_kernels(z_pos, z_neg)
+        ctx.cuda = layout is not None and cuda_pointwise.usable(z_pos, z_neg)
+        if ctx.cuda:
+            out, e_pos, e_neg, ctx.scale_vector = cuda_pointwise.sc_forward(
+                z_pos, z_neg, scale, bias, layout, noise
+            )
+            ctx.save_for_backward(e_pos, e_neg, scale)
+            return out.view(z_pos.shape)
         if ctx.fused:
             z_pos, z_neg = z_pos.contiguous(), z_neg.contiguous()
             out, e_pos, e_neg = (torch.empty_like(z_pos) for _ in range(3))
@@ -81,6 +90,12 @@ class _ScActivation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def]
         e_pos, e_neg, scale = ctx.saved_tensors
+        if ctx.cuda:
+            grad_pos, grad_neg = cuda_pointwise.sc_backward(
+                grad, e_pos, e_neg, ctx.scale_vector, ctx.layout
+            )
+            bias_grad = None if ctx.bias_shape is None else grad.sum_to_size(ctx.bias_shape)
+            return grad_pos.view(grad.shape), grad_neg.view(grad.shape), None, bias_grad, None, None
         if ctx.fused:
             layout = ctx.layout
             grad = grad.to(torch.float32).contiguous()
@@ -110,6 +125,14 @@ class _HardTanhPairs(torch.autograd.Function):
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.layout = layout
         ctx.fused = layout is not None and use_kernels(*zs)
+        ctx.cuda = layout is not None and cuda_pointwise.usable(*zs)
+        ctx.terms = len(zs)
+        if ctx.cuda:
+            out, inside, ctx.scale_vector = cuda_pointwise.hardtanh_forward(
+                zs, t, scale, bias, layout, noise
+            )
+            ctx.save_for_backward(inside, scale)
+            return out.view(zs[0].shape)
         if ctx.fused:
             zs = tuple(z.contiguous() for z in zs)
             out = torch.empty_like(zs[0])
@@ -123,7 +146,6 @@ class _HardTanhPairs(torch.autograd.Function):
                 noise is not None, *kernel_noise(noise), _flat(out), _flat(inside),
             )  # fmt: skip
             ctx.save_for_backward(inside, scale)
-            ctx.terms = len(zs)
             return out
         clamped = [z.clamp(0, t) for z in zs]
         v = clamped[0] - clamped[1]
@@ -137,6 +159,12 @@ class _HardTanhPairs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def]
         *masks, scale = ctx.saved_tensors
+        if ctx.cuda:  # masks = [inside], as below
+            grads = cuda_pointwise.hardtanh_backward(
+                grad, masks[0], ctx.scale_vector, ctx.layout, ctx.terms
+            )
+            bias_grad = None if ctx.bias_shape is None else grad.sum_to_size(ctx.bias_shape)
+            return None, None, bias_grad, None, None, *(g.view(grad.shape) for g in grads)
         if ctx.fused:  # masks = [inside]: bit j for the j-th accumulation
             layout = ctx.layout
             grad = grad.to(torch.float32).contiguous()

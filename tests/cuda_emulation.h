@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <barrier>
+#include <cmath>
 #include <cstddef>
 #include <cstring>
 #include <thread>

@@ -265,8 +265,8 @@ def test_layers_on_cuda_equal_layers_on_cpu(target: str, options: dict) -> None:
 
 @pytest.mark.parametrize(("target", "options"), TARGET_OPTIONS[::3])
 def test_inject_mode_on_cuda_trains_and_draws_like_the_cpu(target: str, options: dict) -> None:
-    """Inject mode on CUDA (torch ops) against the CPU's fused kernels: the same proxy up to
-    float rounding, and injected errors with the same mean and spread."""
+    """Inject mode on CUDA (the pointwise CUDA kernels) against the CPU's fused kernels: the
+    same proxy up to float rounding, and injected errors with the same mean and spread."""
     x = torch.randn(64, 3, 10, 10)
     model = approxctl.convert(_model(), target, example_inputs=x, **options)
     approxctl.calibrate(model, [x])
@@ -288,3 +288,72 @@ def test_inject_mode_on_cuda_trains_and_draws_like_the_cpu(target: str, options:
             spread = float(cpu_err.std()) + 1e-12
             assert abs(float(cpu_err.mean() - gpu_err.mean())) < 0.02 * spread + 1e-9, name
             assert float(gpu_err.std()) == pytest.approx(float(cpu_err.std()), rel=0.02), name
+
+
+# ------------------------------------------------------------------------------ pointwise
+@pytest.mark.parametrize("proxy", ["sc", "hardtanh", "hardtanh, negative inputs"])
+def test_proxy_kernels_equal_the_torch_ops(proxy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA proxy kernels (kernels/pointwise.cu) against the composed torch ops they
+    replace, without error draws: outputs and every gradient, up to float rounding (the kernels'
+    exp(-z) is a polynomial, torch's its own)."""
+    from approxctl.backends import cuda_pointwise
+    from approxctl.noise import ChannelLayout
+    from approxctl.proxy_ops import hardtanh_pairs, sc_activation
+
+    g = torch.Generator().manual_seed(0)
+    shape, layout = (4, 3, 5, 7), ChannelLayout(3, 35)
+    terms = 4 if "negative" in proxy else 2
+    zs_cpu = [torch.rand(shape, generator=g) * 3 - 0.5 for _ in range(terms)]
+    zs_cpu[0].view(-1)[:2] = torch.tensor([0.0, 2.0])  # the clamps' edges
+    grad = torch.randn(shape, generator=g).to(DEV)
+    bias_cpu = torch.randn(1, 3, 1, 1, generator=g)
+    scale = torch.tensor([0.5, 1.0, 2.0], device=DEV).view(1, 3, 1, 1)
+
+    def run() -> list[torch.Tensor]:
+        zs = [z.to(DEV).requires_grad_() for z in zs_cpu]
+        bias = bias_cpu.to(DEV).requires_grad_()
+        if proxy == "sc":
+            out = sc_activation(zs[0], zs[1], scale, bias, layout=layout)
+        else:
+            pairs = [(zs[0], zs[1])] + ([(zs[2], zs[3])] if terms == 4 else [])
+            out = hardtanh_pairs(pairs, 2.0, scale, bias, layout=layout)
+        out.backward(grad)
+        return [out.detach(), bias.grad, *(z.grad for z in zs)]
+
+    assert cuda_pointwise.usable(grad)
+    fused = run()
+    monkeypatch.setattr(cuda_pointwise, "usable", lambda *tensors: False)
+    reference = run()
+    for got, expected in zip(fused, reference, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_add_error_kernel_draws_at_the_polynomials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA error draw (one kernel) against torch's (randn and the polynomials as torch
+    ops): the same mean and spread at every accumulator value, in place or not."""
+    from approxctl.backends import cuda_pointwise
+    from approxctl.noise import ChannelLayout, NoiseSpec, add_error
+
+    spec = NoiseSpec(torch.tensor([0.1, 0.3, -0.2], dtype=torch.float64),
+                     torch.tensor([0.2, 0.1, 0.05], dtype=torch.float64), -1.0, 1.0)  # fmt: skip
+    y = torch.linspace(-1, 1, 1 << 20, device=DEV).repeat(4)
+    one, zero = torch.ones((), device=DEV), torch.zeros((), device=DEV)
+
+    def draw() -> torch.Tensor:
+        return add_error(y, spec, scale=one, bias=zero, layout=ChannelLayout(1, 1)) - y
+
+    fused = draw()
+    same = y.clone()
+    add_error(same, spec, scale=one, bias=zero, layout=ChannelLayout(1, 1), inplace=True)
+    assert not torch.equal(same - y, fused)  # a fresh key per call
+    monkeypatch.setattr(cuda_pointwise, "usable", lambda *tensors: False)
+    reference = draw()
+    for lo, hi in ((-1.0, -0.5), (0.5, 1.0)):
+        inside = (y >= lo) & (y < hi)
+        for err in (fused, same - y):
+            assert float(err[inside].mean()) == pytest.approx(
+                float(reference[inside].mean()), abs=2e-3
+            )
+            assert float(err[inside].std()) == pytest.approx(
+                float(reference[inside].std()), rel=0.02
+            )

@@ -21,6 +21,7 @@ import torch
 from approxctl import streams
 from approxctl.backends import cuda_kernels, torch_ref
 from approxctl.luts import load_lut
+from approxctl.noise import NoiseSpec
 
 HEADER = Path(__file__).resolve().parent / "cuda_emulation.h"
 CXX = shutil.which("g++")
@@ -221,3 +222,172 @@ def test_packed_streams_follow_the_stream_definition() -> None:
                     ]
                     expected = [int(c[(t + phase) % length] < value) for t in range(length)]
                     assert bits == expected
+
+
+# ------------------------------------------------------------------------------ pointwise
+# References for kernels/pointwise.cu in numpy float32, one IEEE operation at a time: a fused
+# multiply-add is the float64 product (exact for float32 operands) plus the addend, rounded.
+_F32 = np.float32
+
+
+def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + c).astype(np.float32)
+
+
+def _lowbias32(x: np.ndarray) -> np.ndarray:
+    mask = np.uint64(0xFFFFFFFF)
+    x = x.astype(np.uint64)
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(0x7FEB352D)) & mask
+    x ^= x >> np.uint64(15)
+    x = (x * np.uint64(0x846CA68B)) & mask
+    x ^= x >> np.uint64(16)
+    return x
+
+
+def _ref_error(v: np.ndarray, noise: cuda_kernels.NoiseArgs) -> np.ndarray:
+    p, m = noise.params.numpy(), noise.m
+    lo, hi = p[0], p[1]
+    t = (np.minimum(np.maximum(v, lo), hi) - _F32(0.5) * (lo + hi)) * (_F32(2.0) / (hi - lo))
+
+    def horner(coef: np.ndarray) -> np.ndarray:
+        acc = np.full_like(t, coef[-1])
+        for c in coef[-2::-1]:
+            acc = _fma(acc, t, c)
+        return acc
+
+    mu = np.minimum(np.maximum(horner(p[5 : 5 + m]), p[2]), p[3])
+    sigma = np.minimum(np.maximum(horner(p[5 + m : 5 + 2 * m]), _F32(0.0)), p[4])
+    index = np.arange(v.size, dtype=np.uint64)  # below 2^32: the salt is the key
+    hashes = _lowbias32((index ^ np.uint64(noise.key)) & np.uint64(0xFFFFFFFF))
+    eps = noise.table.numpy()[(hashes >> np.uint64(noise.shift)).astype(np.int64)]
+    return _fma(sigma, eps, mu)
+
+
+def _ref_exp_neg(z: np.ndarray) -> np.ndarray:
+    z = np.minimum(np.maximum(z, _F32(0.0)), _F32(87.0))
+    k = np.floor(_fma(z, _F32(1.44269504), _F32(0.5)))
+    r = _fma(k, _F32(2.12194440e-4), _fma(-k, _F32(0.693359375), z))
+    p = np.full_like(z, _F32(-1.0 / 5040.0))
+    for c in (1 / 720, -1 / 120, 1 / 24, -1 / 6, 0.5, -1.0, 1.0):
+        p = _fma(p, r, _F32(c))
+    return np.ldexp(p, -k.astype(np.int32)).astype(np.float32)
+
+
+def _spec(degree: int, seed: int) -> NoiseSpec:
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(degree + 1, generator=g, dtype=torch.float64) * 0.1
+    sigma = torch.rand(degree + 1, generator=g, dtype=torch.float64) * 0.2 + 0.05
+    return NoiseSpec(mu, sigma, -1.5, 2.5, mu_min=-0.3, mu_max=0.25, sigma_max=0.4)
+
+
+def _per_channel(values: list[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+CHANNELS, INNER = 3, 37  # segments of 37 elements, channels cycling through a 5-sample batch
+SCALE, BIAS = _per_channel([0.5, 1.25, 3.0]), _per_channel([0.1, -0.2, 0.0])
+
+
+def _channel_of(n: int) -> np.ndarray:
+    return (np.arange(n) // INNER) % CHANNELS
+
+
+@pytest.mark.parametrize("degree", [0, 10])
+def test_add_error_kernel_matches_reference(emulator: ctypes.CDLL, degree: int) -> None:
+    torch.manual_seed(4)
+    y = torch.randn(5, CHANNELS, INNER) * 2
+    noise = cuda_kernels.noise_args(_spec(degree, degree), y.device)
+    out = torch.empty_like(y)
+    _run(emulator, cuda_kernels.plan_add_error(y, out, SCALE, BIAS, CHANNELS, INNER, noise))
+    c = _channel_of(y.numel())
+    s, b, yv = SCALE.numpy()[c], BIAS.numpy()[c], y.numpy().reshape(-1)
+    v = (yv - b) * (_F32(1.0) / s)
+    expected = _fma(_ref_error(v, noise), s, yv)
+    assert np.array_equal(out.numpy().reshape(-1), expected)
+    same = y.clone()  # in place: out is y
+    _run(emulator, cuda_kernels.plan_add_error(same, same, SCALE, BIAS, CHANNELS, INNER, noise))
+    assert torch.equal(same, out)
+
+
+def test_error_draw_is_a_standard_normal_sample(emulator: ctypes.CDLL) -> None:
+    """mu = 0, sigma = 1: the error is the quantile the hash picks, over many elements."""
+    y = torch.zeros(1 << 16)
+    spec = NoiseSpec(torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64), -1, 1)
+    torch.manual_seed(5)
+    noise = cuda_kernels.noise_args(spec, y.device)
+    one, zero = _per_channel([1.0]), _per_channel([0.0])
+    _run(emulator, cuda_kernels.plan_add_error(y, y, one, zero, 1, 1, noise))
+    e = y.double()
+    assert abs(float(e.mean())) < 0.02 and float(e.std()) == pytest.approx(1.0, abs=0.02)
+    assert len(torch.unique(y)) > 3500  # most of the 4096 quantiles are drawn
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_sc_proxy_kernels_match_reference(emulator: ctypes.CDLL, noisy: bool) -> None:
+    torch.manual_seed(6)
+    z_pos, z_neg = torch.rand(5, CHANNELS, INNER) * 6, torch.rand(5, CHANNELS, INNER) * 6
+    z_pos.view(-1)[:4] = torch.tensor([0.0, -0.5, 80.0, 1e-7])  # clamped below, far tail, tiny
+    noise = cuda_kernels.noise_args(_spec(10, 3) if noisy else None, z_pos.device)
+    launch, out, e_pos, e_neg = cuda_kernels.plan_sc_proxy_forward(
+        z_pos, z_neg, SCALE, BIAS, CHANNELS, INNER, noise
+    )
+    _run(emulator, launch)
+    c = _channel_of(z_pos.numel())
+    a, b = _ref_exp_neg(z_pos.numpy().reshape(-1)), _ref_exp_neg(z_neg.numpy().reshape(-1))
+    v = b - a
+    if noisy:
+        v = v + _ref_error(v, noise)
+    assert np.array_equal(e_pos.numpy().reshape(-1), a)
+    assert np.array_equal(e_neg.numpy().reshape(-1), b)
+    assert np.array_equal(out.numpy().reshape(-1), _fma(v, SCALE.numpy()[c], BIAS.numpy()[c]))
+    # the kernels' exp(-z) against float64's
+    z = z_pos.numpy().reshape(-1).astype(np.float64)
+    rel = np.abs(a - np.exp(-np.maximum(z, 0))) / np.exp(-np.maximum(z, 0))
+    assert rel.max() < 1.5e-7
+
+    grad = torch.randn(5, CHANNELS, INNER)
+    launch, g_pos, g_neg = cuda_kernels.plan_sc_proxy_backward(
+        grad, e_pos, e_neg, SCALE, CHANNELS, INNER
+    )
+    _run(emulator, launch)
+    gs = grad.numpy().reshape(-1) * SCALE.numpy()[c]
+    assert np.array_equal(g_pos.numpy().reshape(-1), gs * a)
+    assert np.array_equal(g_neg.numpy().reshape(-1), -(gs * b))
+
+
+@pytest.mark.parametrize(("terms", "noisy"), [(2, False), (2, True), (4, True)])
+def test_hardtanh_proxy_kernels_match_reference(
+    emulator: ctypes.CDLL, terms: int, noisy: bool
+) -> None:
+    torch.manual_seed(7)
+    limit = 2.0
+    zs = tuple(torch.rand(5, CHANNELS, INNER) * 3 - 0.5 for _ in range(terms))
+    for z in zs:  # the clamps' edges: exactly 0 and exactly T are inside
+        z.view(-1)[:3] = torch.tensor([0.0, limit, -0.0])
+    noise = cuda_kernels.noise_args(_spec(0, 1) if noisy else None, zs[0].device)
+    launch, out, inside = cuda_kernels.plan_hardtanh_proxy_forward(
+        zs, limit, SCALE, BIAS, CHANNELS, INNER, noise
+    )
+    _run(emulator, launch)
+    flat = [z.numpy().reshape(-1) for z in zs]
+    clamped = [np.minimum(np.maximum(z, _F32(0.0)), _F32(limit)) for z in flat]
+    v = clamped[0] - clamped[1]
+    if terms == 4:
+        v = v + (clamped[3] - clamped[2])
+    code = sum(((z >= 0) & (z <= limit)).astype(np.uint8) << j for j, z in enumerate(flat))
+    if noisy:
+        v = v + _ref_error(v, noise)
+    c = _channel_of(v.size)
+    assert np.array_equal(inside.numpy().reshape(-1), code)
+    assert np.array_equal(out.numpy().reshape(-1), _fma(v, SCALE.numpy()[c], BIAS.numpy()[c]))
+
+    grad = torch.randn(5, CHANNELS, INNER)
+    launch, grads = cuda_kernels.plan_hardtanh_proxy_backward(
+        grad, inside, SCALE, CHANNELS, INNER, terms
+    )
+    _run(emulator, launch)
+    gs = grad.numpy().reshape(-1) * SCALE.numpy()[c]
+    for j, (g, sign) in enumerate(zip(grads, (1, -1, -1, 1), strict=False)):
+        expected = np.where(code & (1 << j), sign * gs, _F32(0.0)).astype(np.float32)
+        assert np.array_equal(g.numpy().reshape(-1), expected), j

@@ -2,9 +2,10 @@
 
 Everything a launch needs is decided here on torch tensors: the operands converted to the
 kernels' element types, the tables the kernels read (packed SC streams built from the LFSR
-cycles of :mod:`approxctl.streams`, phase tables, the prepared multiplier table), the output
-buffer, the kernel name, grid, block and dynamic shared memory. :mod:`cupy_backend` runs the
-resulting :class:`Launch` objects with CuPy; tests run the very same plans through a
+cycles of :mod:`approxctl.streams`, phase tables, the prepared multiplier table, the injected
+error's polynomials and quantile table), the output buffers, the kernel name, grid, block and
+dynamic shared memory. :mod:`cupy_backend` runs the resulting :class:`Launch` objects with CuPy
+(:mod:`cuda_pointwise` for the pointwise kernels); tests run the very same plans through a
 C++ emulation of the kernels on the CPU (tests/test_kernels_emulated.py), so the planning logic
 is checked without a GPU.
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from approxctl import streams
+from approxctl.noise import TABLE_BITS, NoiseSpec, normal_quantiles
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 
@@ -48,6 +50,13 @@ KERNELS: dict[str, tuple[str, ...]] = {
     "lut_matmul": _lut_names(),
     "sc_matmul": ("sc_matmul",),
     "analog_matmul": ("analog_matmul_acc32", "analog_matmul_acc64"),
+    "pointwise": (
+        "add_error",
+        "sc_proxy_forward",
+        "sc_proxy_backward",
+        "hardtanh_proxy_forward",
+        "hardtanh_proxy_backward",
+    ),
 }
 
 THREADS = 256  # every kernel: 256 threads computing a 64 x 64 output tile
@@ -285,3 +294,147 @@ def plan_analog_matmul(
         ),
     )  # fmt: skip
     return launch, out
+
+
+# ------------------------------------------------------------------------------ pointwise
+# The pointwise kernels loop over their elements grid-stride; more blocks than this gain nothing.
+POINTWISE_MAX_BLOCKS = 1 << 16
+
+
+@dataclass(frozen=True)
+class NoiseArgs:
+    """The injected error's kernel arguments (``kernels/pointwise.cu``): ``params`` =
+    [lo, hi, mu_min, mu_max, sigma_max, mu[0..m), sigma[0..m)] as float32 on the device, the
+    per-call hash ``key``, the quantile ``table`` and the hash ``shift`` that indexes it;
+    ``draw`` False for a kernel that adds no error."""
+
+    draw: bool
+    params: torch.Tensor
+    m: int
+    key: int
+    table: torch.Tensor
+    shift: int
+
+    def args(self) -> tuple[Any, ...]:
+        return (self.params, np.int32(self.m), np.int64(self.key), self.table,
+                np.int32(self.shift))  # fmt: skip
+
+
+@functools.cache
+def _quantiles_on(device: torch.device) -> torch.Tensor:
+    return normal_quantiles().to(device)
+
+
+def noise_args(spec: NoiseSpec | None, device: torch.device) -> NoiseArgs:
+    """``NoiseArgs`` of an error model's ``NoiseSpec`` (None: no error), with a fresh key drawn
+    from torch's CPU generator, as the CPU kernels draw theirs (``NoiseSpec.kernel_args``)."""
+    table, shift = _quantiles_on(device), 32 - TABLE_BITS
+    if spec is None:
+        params = torch.tensor([-1.0, 1.0, -np.inf, np.inf, np.inf, 0.0, 0.0], device=device)
+        return NoiseArgs(False, params, 1, 0, table, shift)
+    key = int(torch.randint(0, 2**32, (1,)).item())
+    m = max(spec.mu_coef.numel(), spec.sigma_coef.numel())
+    bounds = torch.tensor(
+        [spec.lo, spec.hi, spec.mu_min, spec.mu_max, spec.sigma_max], dtype=torch.float32
+    ).to(device)
+    coefs = [  # the shorter polynomial padded with zeros on top, which leave Horner's rule exact
+        torch.nn.functional.pad(
+            c.detach().reshape(-1).to(device, torch.float32), (0, m - c.numel())
+        )
+        for c in (spec.mu_coef, spec.sigma_coef)
+    ]
+    return NoiseArgs(True, torch.cat([bounds, *coefs]), m, key, table, shift)
+
+
+def _pointwise_launch(kernel: str, n: int, args: tuple[Any, ...]) -> Launch:
+    blocks = max(1, min(-(-n // THREADS), POINTWISE_MAX_BLOCKS))
+    return Launch("pointwise", kernel, (blocks, 1, 1), (THREADS, 1, 1), 0, args)
+
+
+def _flat32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float32).contiguous()
+
+
+def channel_values(t: torch.Tensor | float, channels: int, device: torch.device) -> torch.Tensor:
+    """A scalar or per-channel scale/bias as a contiguous float32 (channels,) vector on
+    ``device`` (the kernels index it by channel)."""
+    t = torch.as_tensor(t, device=device)
+    return t.detach().to(torch.float32).reshape(-1).expand(channels).contiguous()
+
+
+def plan_add_error(
+    y: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+    channels: int, inner: int, noise: NoiseArgs,
+) -> Launch:  # fmt: skip
+    """out = y + error(v) * scale[c], v = (y - bias[c]) / scale[c]; ``y`` and ``out`` contiguous
+    float32 (``out`` may be ``y``), ``scale`` and ``bias`` from ``channel_values``."""
+    n = y.numel()
+    return _pointwise_launch("add_error", n, (
+        y, out, np.int64(n), np.int32(channels), np.int64(inner), scale, bias, *noise.args(),
+    ))  # fmt: skip
+
+
+def plan_sc_proxy_forward(
+    z_pos: torch.Tensor, z_neg: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+    channels: int, inner: int, noise: NoiseArgs,
+) -> tuple[Launch, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """SC_act's forward: the launch and its (out, e_pos, e_neg), shaped like ``z_pos``."""
+    z_pos, z_neg = _flat32(z_pos), _flat32(z_neg)
+    out, e_pos, e_neg = (torch.empty_like(z_pos) for _ in range(3))
+    n = z_pos.numel()
+    launch = _pointwise_launch("sc_proxy_forward", n, (
+        z_pos, z_neg, out, e_pos, e_neg, np.int64(n), np.int32(channels), np.int64(inner),
+        scale, bias, np.int32(noise.draw), *noise.args(),
+    ))  # fmt: skip
+    return launch, out, e_pos, e_neg
+
+
+def plan_sc_proxy_backward(
+    grad: torch.Tensor, e_pos: torch.Tensor, e_neg: torch.Tensor, scale: torch.Tensor,
+    channels: int, inner: int,
+) -> tuple[Launch, torch.Tensor, torch.Tensor]:  # fmt: skip
+    grad = _flat32(grad)
+    grad_pos, grad_neg = torch.empty_like(grad), torch.empty_like(grad)
+    n = grad.numel()
+    launch = _pointwise_launch("sc_proxy_backward", n, (
+        grad, e_pos, e_neg, grad_pos, grad_neg, np.int64(n), np.int32(channels),
+        np.int64(inner), scale,
+    ))  # fmt: skip
+    return launch, grad_pos, grad_neg
+
+
+def plan_hardtanh_proxy_forward(
+    zs: tuple[torch.Tensor, ...], limit: float, scale: torch.Tensor, bias: torch.Tensor,
+    channels: int, inner: int, noise: NoiseArgs,
+) -> tuple[Launch, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Analog_act's forward of two or four accumulations: the launch, its output and its
+    uint8 masks (bit j: 0 <= z_j <= limit)."""
+    zs = tuple(_flat32(z) for z in zs)
+    four = len(zs) == 4
+    z0, z1 = zs[0], zs[1]
+    z2, z3 = (zs[2], zs[3]) if four else (z0, z1)  # not read without ``four``
+    out = torch.empty_like(z0)
+    inside = torch.empty(z0.shape, dtype=torch.uint8, device=z0.device)
+    n = z0.numel()
+    launch = _pointwise_launch("hardtanh_proxy_forward", n, (
+        z0, z1, z2, z3, np.int32(four), np.float32(limit), out, inside, np.int64(n),
+        np.int32(channels), np.int64(inner), scale, bias, np.int32(noise.draw), *noise.args(),
+    ))  # fmt: skip
+    return launch, out, inside
+
+
+def plan_hardtanh_proxy_backward(
+    grad: torch.Tensor, inside: torch.Tensor, scale: torch.Tensor, channels: int, inner: int,
+    terms: int,
+) -> tuple[Launch, list[torch.Tensor]]:  # fmt: skip
+    """The gradients of the ``terms`` (2 or 4) accumulations from the output gradient."""
+    grad = _flat32(grad)
+    grads = [torch.empty_like(grad) for _ in range(terms)]
+    four = terms == 4
+    g2, g3 = (grads[2], grads[3]) if four else (grads[0], grads[1])  # not written without four
+    n = grad.numel()
+    launch = _pointwise_launch("hardtanh_proxy_backward", n, (
+        grad, inside, grads[0], grads[1], g2, g3, np.int32(four), np.int64(n),
+        np.int32(channels), np.int64(inner), scale,
+    ))  # fmt: skip
+    return launch, grads

@@ -58,7 +58,7 @@ def _dynamic_shared_limit(device_index: int) -> int:
     return int(optin) - int(static)
 
 
-def _device_index(t: torch.Tensor) -> int:
+def tensor_device_index(t: torch.Tensor) -> int:
     return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
@@ -121,7 +121,7 @@ def lut_matmul(
     o = b.shape[0]
     if _trivial(n, o, k):
         return torch_ref.lut_matmul(a, b, lut, signed)
-    index = _device_index(a)
+    index = tensor_device_index(a)
     launch, out = cuda_kernels.plan_lut_matmul(
         a, b, lut, signed, dynamic_shared_limit=_dynamic_shared_limit(index)
     )
@@ -143,7 +143,7 @@ def sc_matmul(
     if _trivial(n, o, k):
         return torch_ref.sc_matmul(a, b_pos, b_neg, length, phase_a=phase_a, phase_b=phase_b)
     launch, out = cuda_kernels.plan_sc_matmul(a, b_pos, b_neg, length, phase_a, phase_b)
-    run(launch, _device_index(a))
+    run(launch, tensor_device_index(a))
     return out
 
 
@@ -155,7 +155,7 @@ def analog_matmul(
     if _trivial(n, o, k) or adc_max >= cuda_kernels.ANALOG_ADC_MAX_LIMIT:
         return torch_ref.analog_matmul(a, b, array_size, adc_bits, adc_max)
     launch, out = cuda_kernels.plan_analog_matmul(a, b, array_size, adc_bits, adc_max)
-    run(launch, _device_index(a))
+    run(launch, tensor_device_index(a))
     return out
 
 

@@ -41,18 +41,29 @@ def _load(name: str) -> ModuleType | None:
         return None
 
 
+def available(name: str) -> bool:
+    """Whether backend ``name`` imports (CuPy installed and usable, for "cupy")."""
+    return _load(name) is not None
+
+
+def forced() -> str:
+    """The backend ``APPROXCTL_BACKEND`` names ("" when unset or "auto")."""
+    name = os.environ.get(ENV_VAR, "").strip().lower()
+    return "" if name == "auto" else name
+
+
 def get(name: str, device: torch.device) -> ModuleType:
     """The backend module for ``name`` on ``device``; "auto" takes the first that is available."""
     if name == "auto":
-        forced = os.environ.get(ENV_VAR, "").strip().lower()
-        if forced and forced != "auto":
-            if forced not in _BACKENDS:
+        chosen = forced()
+        if chosen:
+            if chosen not in _BACKENDS:
                 raise ApproxError(
-                    f"{ENV_VAR}={forced!r} is not a backend; choose one of: auto, "
+                    f"{ENV_VAR}={chosen!r} is not a backend; choose one of: auto, "
                     f"{', '.join(_BACKENDS)}"
                 )
-            if device.type in _BACKENDS[forced][1]:
-                return get(forced, device)
+            if device.type in _BACKENDS[chosen][1]:
+                return get(chosen, device)
         for candidate, (_, devices) in _BACKENDS.items():
             if device.type in devices and (module := _load(candidate)) is not None:
                 return module
