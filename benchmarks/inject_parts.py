@@ -41,12 +41,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from round_robin import add_batch_and_model_options, batch_and_model, seconds_per_step
+from round_robin import (
+    add_batch_and_model_options,
+    batch_and_model,
+    ready_to_train,
+    seconds_per_step,
+)
 
 from approxctl import (
-    calibrate,
-    convert,
-    fit_error_model,
     fused_conv,
     integer_conv,
     set_mode,
@@ -118,10 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     # trained weights: analog's saturation, hence its backward, depends on them
     x, y, model = batch_and_model(args.model, args.batch_size, args.weights)
-    model = convert(model, args.target)
-    calibrate(model, [x])
-    fit_error_model(model, [x])
-    model.train()
+    model = ready_to_train(model, args.target, x)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)

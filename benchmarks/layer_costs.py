@@ -20,9 +20,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from round_robin import add_batch_and_model_options, batch_and_model
+from round_robin import add_batch_and_model_options, batch_and_model, ready_to_train
 
-from approxctl import calibrate, convert, fit_error_model, set_mode
+from approxctl import set_mode
 from approxctl.layers import approx_layers
 
 CALLS_PER_TURN = 3
@@ -36,10 +36,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     args = parser.parse_args()
     x, y, model = batch_and_model(args.model, args.batch_size, args.weights)
-    model = convert(model, args.target)
-    calibrate(model, [x])
-    fit_error_model(model, [x])
-    model.train()
+    model = ready_to_train(model, args.target, x)
     layers = approx_layers(model)
     inputs: dict[str, torch.Tensor] = {}
     grads: dict[str, torch.Tensor] = {}

@@ -1,6 +1,7 @@
-"""What the benchmarks share: timing round-robin (``inject_parts.py``, ``memory_format.py``)
-and one Fashion-MNIST batch with a built-in model (``inject_parts.py``, ``direct_convs.py``,
-``memory_format.py``)."""
+"""What the benchmarks share: timing round-robin (``inject_parts.py``, ``memory_format.py``),
+one Fashion-MNIST batch with a built-in model (``inject_parts.py``, ``direct_convs.py``,
+``memory_format.py``, ``layer_costs.py``) and that model made ready for exact and inject steps
+(``inject_parts.py``, ``layer_costs.py``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Callable
 import safetensors.torch
 import torch
 
+from approxctl import calibrate, convert, fit_error_model
 from approxctl.models import BUILTIN_MODELS
 from approxctl.pipeline import DataOptions
 from approxctl.runtime import keep_freed_memory
@@ -38,6 +40,15 @@ def add_batch_and_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights", help="float weights (.safetensors) to start from; default: random init"
     )
+
+
+def ready_to_train(model: torch.nn.Module, target: str, x: torch.Tensor) -> torch.nn.Module:
+    """``model`` converted for ``target``, calibrated and its error models fitted on the batch
+    ``x``, in training mode: what exact and inject steps need."""
+    model = convert(model, target)
+    calibrate(model, [x])
+    fit_error_model(model, [x])
+    return model.train()
 
 
 def batch_and_model(
