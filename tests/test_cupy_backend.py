@@ -321,6 +321,9 @@ def test_proxy_kernels_equal_the_torch_ops(proxy: str, monkeypatch: pytest.Monke
         return [out.detach(), bias.grad, *(z.grad for z in zs)]
 
     assert cuda_pointwise.usable(grad)
+    monkeypatch.setenv(cuda_pointwise.ENV_VAR, "0")
+    assert not cuda_pointwise.usable(grad)
+    monkeypatch.delenv(cuda_pointwise.ENV_VAR)
     fused = run()
     monkeypatch.setattr(cuda_pointwise, "usable", lambda *tensors: False)
     reference = run()

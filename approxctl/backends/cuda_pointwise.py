@@ -3,13 +3,15 @@ proxies (forward with the injected error and the output's affine map, and backwa
 error draw alone, one launch each (``approxctl.proxy_ops`` and ``approxctl.noise`` call these
 where the tensors are on a GPU; the torch ops they replace stay the path elsewhere).
 
-Used where CuPy is installed, unless ``APPROXCTL_BACKEND=torch`` forces the reference. The
+Used where CuPy is installed, unless ``APPROXCTL_BACKEND=torch`` forces the reference or
+``APPROXCTL_CUDA_POINTWISE=0`` turns these kernels alone off (the matmul kernels stay). The
 launch plans (``cuda_kernels.plan_*``) are the ones tests/test_kernels_emulated.py runs through
 the C++ emulation of the kernels against the formulas.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -17,12 +19,15 @@ import torch
 from approxctl.backends import cuda_kernels, registry
 from approxctl.noise import ChannelLayout, NoiseSpec
 
+ENV_VAR = "APPROXCTL_CUDA_POINTWISE"
+
 
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether the kernels serve these tensors: all CUDA float32 and not empty, CuPy usable, the
-    reference not forced."""
+    reference not forced, the kernels not turned off."""
     return (
         all(t.is_cuda and t.dtype == torch.float32 and t.numel() > 0 for t in tensors)
+        and os.environ.get(ENV_VAR, "").strip() != "0"
         and registry.forced() != "torch"
         and registry.available("cupy")
     )
