@@ -90,9 +90,8 @@ class NoiseSpec:
     def kernel_args(self) -> tuple[Any, ...]:
         """The noise arguments of the cpu_pointwise kernels, with a fresh key drawn from torch's
         generator: (key, mu, sigma, lo, hi, bounds, quantile table, hash shift)."""
-        key = np.uint32(int(torch.randint(0, 2**32, (1,)).item()))
         return (
-            key,
+            np.uint32(draw_key()),
             *padded_coefficients(self.mu_coef, self.sigma_coef),
             np.float32(self.lo),
             np.float32(self.hi),
@@ -126,10 +125,23 @@ def padded_coefficients(*polys: torch.Tensor) -> list[tuple[np.float32, ...]]:
     return out
 
 
+def draw_key() -> int:
+    """A fresh 32-bit key for the kernels' counter hash, from torch's (CPU) generator, so
+    ``torch.manual_seed`` makes the draws reproducible on every device."""
+    return int(torch.randint(0, 2**32, (1,)).item())
+
+
+def channel_values(
+    t: torch.Tensor | float, channels: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """A scalar or per-channel scale/bias as a contiguous float32 (C,) tensor on ``device``."""
+    t = torch.as_tensor(t, device=device)
+    return t.detach().to(torch.float32).reshape(-1).expand(channels).contiguous()
+
+
 def channel_vector(t: torch.Tensor | float, channels: int) -> np.ndarray:
-    """A scalar or per-channel scale/bias as a contiguous float32 (C,) array for the kernels."""
-    t = torch.as_tensor(t)
-    return t.detach().float().reshape(-1).expand(channels).contiguous().cpu().numpy()
+    """``channel_values`` as a numpy array, for the CPU kernels."""
+    return channel_values(t, channels).numpy()
 
 
 def use_kernels(*tensors: torch.Tensor) -> bool:

@@ -116,14 +116,15 @@ def main() -> None:
     if not docs:
         sys.exit(f"no profile_MODEL_TARGET.json in {sys.argv[1]}")
     memory = next(iter(docs.values())).get("memory", "")
+    steps, memories = step_table(docs), memory_table(docs)
     print(header(docs))
     print()
-    print("\n".join(step_table(docs)))
+    print("\n".join(steps))
     print()
     print(f"Memory ({memory}):")
     print()
-    print("\n".join(memory_table(docs)))
-    if any(DAGGER in line for line in step_table(docs) + memory_table(docs)):
+    print("\n".join(memories))
+    if any(DAGGER in line for line in steps + memories):
         print()
         print(f"{DAGGER} outside its per-round range: the range is the figure to read.")
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from approxctl import streams
-from approxctl.noise import TABLE_BITS, NoiseSpec, normal_quantiles
+from approxctl.noise import TABLE_BITS, NoiseSpec, draw_key, normal_quantiles
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 
@@ -332,7 +332,7 @@ def noise_args(spec: NoiseSpec | None, device: torch.device) -> NoiseArgs:
     if spec is None:
         params = torch.tensor([-1.0, 1.0, -np.inf, np.inf, np.inf, 0.0, 0.0], device=device)
         return NoiseArgs(False, params, 1, 0, table, shift)
-    key = int(torch.randint(0, 2**32, (1,)).item())
+    key = draw_key()
     m = max(spec.mu_coef.numel(), spec.sigma_coef.numel())
     bounds = torch.tensor(
         [spec.lo, spec.hi, spec.mu_min, spec.mu_max, spec.sigma_max], dtype=torch.float32
@@ -355,19 +355,12 @@ def _flat32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float32).contiguous()
 
 
-def channel_values(t: torch.Tensor | float, channels: int, device: torch.device) -> torch.Tensor:
-    """A scalar or per-channel scale/bias as a contiguous float32 (channels,) vector on
-    ``device`` (the kernels index it by channel)."""
-    t = torch.as_tensor(t, device=device)
-    return t.detach().to(torch.float32).reshape(-1).expand(channels).contiguous()
-
-
 def plan_add_error(
     y: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
     channels: int, inner: int, noise: NoiseArgs,
 ) -> Launch:  # fmt: skip
     """out = y + error(v) * scale[c], v = (y - bias[c]) / scale[c]; ``y`` and ``out`` contiguous
-    float32 (``out`` may be ``y``), ``scale`` and ``bias`` from ``channel_values``."""
+    float32 (``out`` may be ``y``), ``scale`` and ``bias`` from ``noise.channel_values``."""
     n = y.numel()
     return _pointwise_launch("add_error", n, (
         y, out, np.int64(n), np.int32(channels), np.int64(inner), scale, bias, *noise.args(),

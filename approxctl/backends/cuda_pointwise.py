@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from approxctl.backends import cuda_kernels, registry
-from approxctl.noise import ChannelLayout, NoiseSpec
+from approxctl.noise import ChannelLayout, NoiseSpec, channel_values
 
 ENV_VAR = "APPROXCTL_CUDA_POINTWISE"
 
@@ -44,8 +44,8 @@ def _vectors(
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     return (
-        cuda_kernels.channel_values(scale, layout.channels, device),
-        cuda_kernels.channel_values(0.0 if bias is None else bias, layout.channels, device),
+        channel_values(scale, layout.channels, device),
+        channel_values(0.0 if bias is None else bias, layout.channels, device),
     )
 
 
