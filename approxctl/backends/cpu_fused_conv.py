@@ -82,34 +82,36 @@ def taps(w, plane, wp, dy, dx):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always")
-def _run(x, first, offset, run, length):  # type: ignore[no-untyped-def]
-    """The wide input runs of the TAPS positions of ``run`` (x finite: a padding position of
-    weight zero then adds zero)."""
+def _starts(first, offset, run):  # type: ignore[no-untyped-def]
+    """Where the wide input runs of the TAPS positions of ``run`` start in x, as uint64
+    offsets (not slices: see cpu_pointwise's module docstring). x is finite, so a padding
+    position of weight zero adds zero."""
     base = run * TAPS
-    o0, o1 = first + offset[base], first + offset[base + 1]
-    o2, o3 = first + offset[base + 2], first + offset[base + 3]
-    return x[o0 : o0 + length], x[o1 : o1 + length], x[o2 : o2 + length], x[o3 : o3 + length]
+    return (
+        np.uint64(first + offset[base]), np.uint64(first + offset[base + 1]),
+        np.uint64(first + offset[base + 2]), np.uint64(first + offset[base + 3]),
+    )  # fmt: skip
 
 
 @numba.njit(inline="always")
 def _add_taps(x, first, offset, weight, run, z):  # type: ignore[no-untyped-def]
     """z += the weighted TAPS positions of ``run`` of x."""
-    x0, x1, x2, x3 = _run(x, first, offset, run, z.shape[0])
+    o0, o1, o2, o3 = _starts(first, offset, run)
     base = run * TAPS
     w0, w1, w2, w3 = weight[base], weight[base + 1], weight[base + 2], weight[base + 3]
-    for j in range(z.shape[0]):
-        z[j] += x0[j] * w0 + x1[j] * w1 + x2[j] * w2 + x3[j] * w3
+    for j in range(np.uint64(z.shape[0])):
+        z[j] += x[o0 + j] * w0 + x[o1 + j] * w1 + x[o2 + j] * w2 + x[o3 + j] * w3
 
 
 @numba.njit(inline="always")
 def _set_taps(x, first, offset, weight, run, z):  # type: ignore[no-untyped-def]
     """z = the weighted TAPS positions of ``run`` of x (``_add_taps`` onto zeros, without
     their pass: the products are >= 0, so no -0.0 that 0.0 + p would turn into 0.0)."""
-    x0, x1, x2, x3 = _run(x, first, offset, run, z.shape[0])
+    o0, o1, o2, o3 = _starts(first, offset, run)
     base = run * TAPS
     w0, w1, w2, w3 = weight[base], weight[base + 1], weight[base + 2], weight[base + 3]
-    for j in range(z.shape[0]):
-        z[j] = x0[j] * w0 + x1[j] * w1 + x2[j] * w2 + x3[j] * w3
+    for j in range(np.uint64(z.shape[0])):
+        z[j] = x[o0 + j] * w0 + x[o1 + j] * w1 + x[o2 + j] * w2 + x[o3 + j] * w3
 
 
 @numba.njit(inline="always")
@@ -136,13 +138,13 @@ def _add_signs(x, first, offset, weight, runs, z_pos, z_neg, fresh):  # type: ig
 @numba.njit(inline="always")
 def _dot_taps(x, first, offset, run, g, out4):  # type: ignore[no-untyped-def]
     """out4[i] += dot(x at the i-th position of ``run``, g) over the wide output."""
-    x0, x1, x2, x3 = _run(x, first, offset, run, g.shape[0])
+    o0, o1, o2, o3 = _starts(first, offset, run)
     t0 = t1 = t2 = t3 = np.float32(0.0)
-    for j in range(g.shape[0]):
-        t0 += x0[j] * g[j]
-        t1 += x1[j] * g[j]
-        t2 += x2[j] * g[j]
-        t3 += x3[j] * g[j]
+    for j in range(np.uint64(g.shape[0])):
+        t0 += x[o0 + j] * g[j]
+        t1 += x[o1 + j] * g[j]
+        t2 += x[o2 + j] * g[j]
+        t3 += x[o3 + j] * g[j]
     out4[0] += t0
     out4[1] += t1
     out4[2] += t2
@@ -173,6 +175,7 @@ def forward(  # type: ignore[no-untyped-def]
     group, blocks = _blocks(segments, inner)
     chunks = min(blocks, CHUNKS)
     wide = out_h * wp
+    width = np.uint64(out_w)
     offset, weight, _, runs = taps(w, plane, wp, dy, dx)
     for chunk in numba.prange(chunks):
         z0 = np.empty(wide, dtype=np.float32)
@@ -195,35 +198,33 @@ def forward(  # type: ignore[no-untyped-def]
                     _add_signs(neg, first, offset[o], weight[o], runs[o], with_pos, with_neg,
                                kind != SC)  # fmt: skip
                 base = (s - seg) * inner
-                for y in range(out_h):
-                    row = y * wp
-                    vs = v[base + y * out_w : base + (y + 1) * out_w]
-                    at = s * inner + y * out_w
+                for y in range(out_h):  # offsets, not slices: see cpu_pointwise
+                    row = np.uint64(y * wp)
+                    v_at = np.uint64(base + y * out_w)
+                    at = np.uint64(s * inner + y * out_w)
                     if kind == ANALOG:
-                        hardtanh_activation(z0[row:], z1[row:], z2[row:], z3[row:], four, limit,
-                                            vs, inside[at : at + out_w])  # fmt: skip
+                        hardtanh_activation(z0, z1, z2, z3, row, four, limit, v, v_at, inside,
+                                            at, width)  # fmt: skip
                     else:
-                        _sc_row(z0[row:], z1[row:], unit, vs, e_pos[at : at + out_w],
-                                e_neg[at : at + out_w])  # fmt: skip
+                        _sc_row(z0, z1, row, unit, v, v_at, e_pos, e_neg, at, width)
             end = last * inner
             for start in range(seg * inner, end, BLOCK):
-                stop = min(end, start + BLOCK)
-                at = start - seg * inner
-                _write_output(v[at : at + stop - start], start, noise, key, mu_coef, sigma_coef,
-                              lo, hi, bounds, table, shift, t, err, hashes, scale, bias, seg,
-                              inner, out[start:stop])  # fmt: skip
+                _write_output(v, start - seg * inner, min(end, start + BLOCK) - start, start,
+                              noise, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, t,
+                              err, hashes, scale, bias, seg, inner, out)  # fmt: skip
 
 
 @numba.njit(inline="always")
-def _sc_row(z_pos, z_neg, unit, v, e_pos, e_neg):  # type: ignore[no-untyped-def]
+def _sc_row(z_pos, z_neg, at, unit, v, v_at, e_pos, e_neg, e_at, m):  # type: ignore[no-untyped-def]
     """One output row of ``sc_proxy_forward``'s activation and e+- (same arithmetic) from the
-    streams' exact sums."""
-    for i in range(v.shape[0]):
-        a = _exp_neg(z_pos[i] * unit)
-        b = _exp_neg(z_neg[i] * unit)
-        e_pos[i] = a
-        e_neg[i] = b
-        v[i] = b - a
+    streams' exact sums: the ``m`` sums from ``at`` into v from ``v_at`` and e+- from ``e_at``
+    (offsets and m uint64, as in cpu_pointwise's row helpers)."""
+    for i in range(m):
+        a = _exp_neg(z_pos[at + i] * unit)
+        b = _exp_neg(z_neg[at + i] * unit)
+        e_pos[e_at + i] = a
+        e_neg[e_at + i] = b
+        v[v_at + i] = b - a
 
 
 @process_safe
@@ -251,6 +252,7 @@ def backward(  # type: ignore[no-untyped-def]
     samples = grad.shape[0] // (channels * inner)
     chunks = min(samples, CHUNKS)
     wide = out_h * wp
+    width = np.uint64(out_w)
     zero = np.float32(0.0)
     offset, _, index, runs = taps(w, plane, wp, dy, dx)
     partial = np.zeros((chunks, 2, channels, grad_w.shape[2]), dtype=np.float32)
@@ -266,20 +268,18 @@ def backward(  # type: ignore[no-untyped-def]
                 s = n * channels + o
                 s_c = scale[o]
                 total = zero
-                for y in range(out_h):
-                    lo = s * inner + y * out_w
-                    g = grad[lo : lo + out_w]
-                    a, b = g0[y * wp : y * wp + out_w], g1[y * wp : y * wp + out_w]
-                    c, d = g2[y * wp : y * wp + out_w], g3[y * wp : y * wp + out_w]
+                for y in range(out_h):  # offsets, not slices: see cpu_pointwise
+                    at = np.uint64(s * inner + y * out_w)
+                    row = np.uint64(y * wp)
                     if kind == ANALOG:  # hardtanh_proxy_backward's arithmetic
-                        total += hardtanh_gradients(g, inside[lo : lo + out_w], s_c, four, a, b,
-                                                    c, d)  # fmt: skip
+                        total += hardtanh_gradients(grad, inside, at, s_c, four, g0, g1, g2, g3,
+                                                    row, width)  # fmt: skip
                     else:  # sc_proxy_backward's: z0 and z3 make z+, z1 and z2 make z-
-                        total += sc_gradients(g, e_pos[lo : lo + out_w], e_neg[lo : lo + out_w],
-                                              s_c, a, b)  # fmt: skip
+                        total += sc_gradients(grad, e_pos, e_neg, at, s_c, g0, g1, row, width)
                         if four:
-                            c[:] = b
-                            d[:] = a
+                            for i in range(width):
+                                g2[row + i] = g1[row + i]
+                                g3[row + i] = g0[row + i]
                 grad_sums[s] = total
                 first = (n * channels_in + (o // per_group_out) * groups_in) * plane
                 for sign in range(2):  # w+ meets z0 (x+) and z2 (x-), w- meets z1 and z3

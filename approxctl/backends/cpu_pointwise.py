@@ -13,6 +13,16 @@ segment, or runs of whole segments shorter than ``GROUP_BELOW`` (a linear layer'
 one element each; a block per segment would spend its time in set-up). Segments shorter than
 ``SHORT`` are written in one flat loop per block.
 
+The helpers that a kernel calls per row or per segment (``hardtanh_activation``,
+``hardtanh_gradients``, ``sc_gradients``, ``_write_output``) take whole arrays and uint64
+offsets, so a caller walking short runs makes no slices: in numba each slice costs two atomic
+reference-count updates, which over a row of 32 elements (the fused first layer's) cost more
+than the row's arithmetic. The offsets are unsigned because numba indexes a signed ``offset +
+i`` with a negative-index wraparound check that stops the loop from vectorizing. Where segments
+are long (the backward kernels' loops below), callers pass slices and offset 0: there the
+slices' cost is spread thin and the loops over them measured faster (docs/design.md, "Fused
+proxy kernels", has the measurements).
+
 The injected error (SPEC section 4) at accumulator value v is ``mu(t) + sigma(t) * eps``,
 t = clamp(v, lo, hi) mapped onto [-1, 1], mu and sigma polynomials (lowest order first; degree 0
 for the type-2 Gaussian model) held within the bounds of the statistics they were fitted to.
@@ -105,15 +115,15 @@ def _error_at(v, eps, mu_coef, sigma_coef, lo, hi, bounds):  # type: ignore[no-u
 
 @numba.njit(inline="always")
 def _draw_error(  # type: ignore[no-untyped-def]
-    v, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, t, err, hashes
+    v, v_at, m, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, t, err, hashes
 ):
-    """``err[i]`` = the error drawn at accumulator value v[i] for element ``start + i`` of the
-    output (``t`` is scratch: it holds eps): for the flat loops of short segments, where the
-    error cannot be computed inside a per-segment loop."""
-    m = v.shape[0]
+    """``err[i]`` = the error drawn at accumulator value v[v_at + i] for element ``start + i``
+    of the output, i < m (``t`` is scratch: it holds eps): for the flat loops of short
+    segments, where the error cannot be computed inside a per-segment loop."""
     _draw_eps(start, m, key, table, shift, t, hashes)
-    for i in range(m):
-        err[i] = _error_at(v[i], t[i], mu_coef, sigma_coef, lo, hi, bounds)
+    at = np.uint64(v_at)
+    for i in range(np.uint64(m)):
+        err[i] = _error_at(v[at + i], t[i], mu_coef, sigma_coef, lo, hi, bounds)
 
 
 @numba.njit(inline="always")
@@ -129,24 +139,25 @@ def _blocks(segments, inner):  # type: ignore[no-untyped-def]
 
 @numba.njit(inline="always")
 def _write_output(  # type: ignore[no-untyped-def]
-    v, start, noise, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, t, err, hashes, scale,
-    bias, seg, inner, out,
+    v, v_at, m, start, noise, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, t, err,
+    hashes, scale, bias, seg, inner, out,
 ):
-    """out[i] = (v[i] + error drawn at v[i]) * scale[c] + bias[c] for one block (no error unless
-    ``noise``), the block starting in segment ``seg``: the common tail of the fused proxy
-    kernels."""
-    m = v.shape[0]
+    """out[start + i] = (v[v_at + i] + error drawn at it) * scale[c] + bias[c] for the ``m``
+    elements of one block (no error unless ``noise``), the block starting in segment ``seg``:
+    the common tail of the fused proxy kernels. Indexed by offsets, not slices (see the module
+    docstring)."""
     channels = scale.shape[0]
     length = min(inner, m)  # a piece of one segment, or whole segments
     c = seg % channels
-    if length < SHORT:  # per-segment slices would cost more than the work: one flat loop
+    if length < SHORT:  # per-segment loops would cost more than the work: one flat loop
         if noise:
-            _draw_error(v, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift,
-                        t[:m], err[:m], hashes)  # fmt: skip
+            _draw_error(v, v_at, m, start, key, mu_coef, sigma_coef, lo, hi, bounds, table,
+                        shift, t, err, hashes)  # fmt: skip
+        at, to = np.uint64(v_at), np.uint64(start)
         j = 0
-        for i in range(m):
+        for i in range(np.uint64(m)):
             e = err[i] if noise else np.float32(0.0)
-            out[i] = (v[i] + e) * scale[c] + bias[c]
+            out[to + i] = (v[at + i] + e) * scale[c] + bias[c]
             j += 1
             if j == length:
                 j = 0
@@ -156,23 +167,22 @@ def _write_output(  # type: ignore[no-untyped-def]
     if noise and fused:
         _draw_eps(start, m, key, table, shift, t, hashes)
     elif noise:
-        _draw_error(v, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift,
-                    t[:m], err[:m], hashes)  # fmt: skip
+        _draw_error(v, v_at, m, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift,
+                    t, err, hashes)  # fmt: skip
+    run = np.uint64(length)
     for first in range(0, m, length):
         s_c, b_c = scale[c], bias[c]
-        vs, os_ = v[first : first + length], out[first : first + length]
+        f, at, to = np.uint64(first), np.uint64(v_at + first), np.uint64(start + first)
         if noise and fused:
-            ts = t[first : first + length]
-            for i in range(length):
-                e = _error_at(vs[i], ts[i], mu_coef, sigma_coef, lo, hi, bounds)
-                os_[i] = (vs[i] + e) * s_c + b_c
+            for i in range(run):
+                e = _error_at(v[at + i], t[f + i], mu_coef, sigma_coef, lo, hi, bounds)
+                out[to + i] = (v[at + i] + e) * s_c + b_c
         elif noise:
-            es = err[first : first + length]
-            for i in range(length):
-                os_[i] = (vs[i] + es[i]) * s_c + b_c
+            for i in range(run):
+                out[to + i] = (v[at + i] + err[f + i]) * s_c + b_c
         else:
-            for i in range(length):
-                os_[i] = vs[i] * s_c + b_c
+            for i in range(run):
+                out[to + i] = v[at + i] * s_c + b_c
         c = c + 1 if c + 1 < channels else 0
 
 
@@ -192,8 +202,8 @@ def _add_noise_short(  # type: ignore[no-untyped-def]
         if j == length:
             j = 0
             c = c + 1 if c + 1 < channels else 0
-    _draw_error(v, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift,
-                t[:m], err[:m], hashes)  # fmt: skip
+    _draw_error(v, 0, m, start, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, t,
+                err, hashes)  # fmt: skip
     c, j = seg % channels, 0
     for i in range(m):
         out[start + i] = y[start + i] + err[i] * scale[c]
@@ -249,8 +259,8 @@ def add_noise(y, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift, scale, 
                         for i in range(length):
                             vs[i] = (ys[i] - b_c) * inv_s
                         c = c + 1 if c + 1 < channels else 0
-                    _draw_error(v[:m], start, key, mu_coef, sigma_coef, lo, hi, bounds, table,
-                                shift, t[:m], err[:m], hashes)  # fmt: skip
+                    _draw_error(v, 0, m, start, key, mu_coef, sigma_coef, lo, hi, bounds,
+                                table, shift, t, err, hashes)  # fmt: skip
                     errors = err
                 # A loop of its own: ``out`` may be ``y``, and where LLVM's run-time check finds
                 # two arrays overlapping it runs a loop's scalar version: cheap for this loop,
@@ -332,17 +342,16 @@ def sc_proxy_forward(  # type: ignore[no-untyped-def]
             for start in range(seg * inner, end, BLOCK):
                 stop = min(end, start + BLOCK)
                 m = stop - start
-                zp, zn = z_pos[start:stop], z_neg[start:stop]
-                ep, en, os_ = e_pos[start:stop], e_neg[start:stop], out[start:stop]
-                for i in range(m):
-                    a = _exp_neg(zp[i])
-                    b = _exp_neg(zn[i])
-                    ep[i] = a
-                    en[i] = b
+                at = np.uint64(start)
+                for i in range(np.uint64(m)):
+                    a = _exp_neg(z_pos[at + i])
+                    b = _exp_neg(z_neg[at + i])
+                    e_pos[at + i] = a
+                    e_neg[at + i] = b
                     v[i] = b - a
-                _write_output(v[:m], start, noise, key, mu_coef, sigma_coef, lo, hi, bounds,
+                _write_output(v, 0, m, start, noise, key, mu_coef, sigma_coef, lo, hi, bounds,
                               table, shift, t, err, hashes, scale, bias, seg, inner,
-                              os_)  # fmt: skip
+                              out)  # fmt: skip
 
 
 @numba.njit(inline="always")
@@ -381,60 +390,69 @@ def sc_proxy_backward(grad, e_pos, e_neg, scale, inner, grad_pos, grad_neg, grad
                 j, seg, c, total = _step_segment(j, seg, c, total, inner, channels, grad_sums)
                 s_c = scale[c]
             continue
-        for seg in range(first, last):
+        zero_at, length = np.uint64(0), np.uint64(inner)
+        for seg in range(first, last):  # slices, offset 0: see the module docstring
             lo, hi = seg * inner, seg * inner + inner
             grad_sums[seg] = sc_gradients(
-                grad[lo:hi], e_pos[lo:hi], e_neg[lo:hi], scale[seg % channels],
-                grad_pos[lo:hi], grad_neg[lo:hi],
+                grad[lo:hi], e_pos[lo:hi], e_neg[lo:hi], zero_at, scale[seg % channels],
+                grad_pos[lo:hi], grad_neg[lo:hi], zero_at, length,
             )  # fmt: skip
 
 
 @numba.njit(inline="always")
-def hardtanh_activation(z0, z1, z2, z3, four, limit, v, code):  # type: ignore[no-untyped-def]
-    """Analog_act over the first ``v.shape[0]`` elements (the z's may be longer):
+def hardtanh_activation(z0, z1, z2, z3, at, four, limit, v, v_at, code, code_at, m):  # type: ignore[no-untyped-def]
+    """Analog_act of the ``m`` elements of the z's from ``at``, into v and code from ``v_at``
+    and ``code_at`` (offsets and m uint64):
     v = clamp(z0, 0, T) - clamp(z1, 0, T) [- clamp(z2, 0, T) + clamp(z3, 0, T) with ``four``],
     ``code`` bit j set where 0 <= z_j <= T. Shared by every kernel that computes it, so they
     agree bit for bit."""
     zero = np.float32(0.0)
-    for i in range(v.shape[0]):
-        a, b = z0[i], z1[i]
-        v[i] = min(max(a, zero), limit) - min(max(b, zero), limit)
-        code[i] = np.uint8((1 if zero <= a <= limit else 0) | (2 if zero <= b <= limit else 0))
+    for i in range(m):
+        a, b = z0[at + i], z1[at + i]
+        v[v_at + i] = min(max(a, zero), limit) - min(max(b, zero), limit)
+        code[code_at + i] = np.uint8(
+            (1 if zero <= a <= limit else 0) | (2 if zero <= b <= limit else 0)
+        )
     if four:
-        for i in range(v.shape[0]):
-            a, b = z2[i], z3[i]
-            v[i] += min(max(b, zero), limit) - min(max(a, zero), limit)
-            code[i] |= np.uint8((4 if zero <= a <= limit else 0) | (8 if zero <= b <= limit else 0))
+        for i in range(m):
+            a, b = z2[at + i], z3[at + i]
+            v[v_at + i] += min(max(b, zero), limit) - min(max(a, zero), limit)
+            code[code_at + i] |= np.uint8(
+                (4 if zero <= a <= limit else 0) | (8 if zero <= b <= limit else 0)
+            )
 
 
 @numba.njit(inline="always")
-def hardtanh_gradients(g, code, s_c, four, g0, g1, g2, g3):  # type: ignore[no-untyped-def]
-    """d/dz_j = +-g * s_c where bit j of ``code`` is set (the forward's signs), else 0, over
-    ``g``'s length (g2, g3 only with ``four``); returns the sum of g."""
+def hardtanh_gradients(g, code, at, s_c, four, g0, g1, g2, g3, g_at, m):  # type: ignore[no-untyped-def]
+    """d/dz_j = +-g * s_c where bit j of ``code`` is set (the forward's signs), else 0, for the
+    ``m`` elements of g and code from ``at``, into the g_j from ``g_at`` (offsets and m
+    uint64; g2, g3 only with ``four``); returns the sum of those g."""
     zero = np.float32(0.0)
     total = zero
-    for i in range(g.shape[0]):
-        total += g[i]
-        gs = g[i] * s_c
-        g0[i] = gs if code[i] & 1 else zero
-        g1[i] = -gs if code[i] & 2 else zero
+    for i in range(m):
+        total += g[at + i]
+        gs = g[at + i] * s_c
+        g0[g_at + i] = gs if code[at + i] & 1 else zero
+        g1[g_at + i] = -gs if code[at + i] & 2 else zero
     if four:
-        for i in range(g.shape[0]):
-            gs = g[i] * s_c
-            g2[i] = -gs if code[i] & 4 else zero
-            g3[i] = gs if code[i] & 8 else zero
+        for i in range(m):
+            gs = g[at + i] * s_c
+            g2[g_at + i] = -gs if code[at + i] & 4 else zero
+            g3[g_at + i] = gs if code[at + i] & 8 else zero
     return total
 
 
 @numba.njit(inline="always")
-def sc_gradients(g, e_pos, e_neg, s_c, g_pos, g_neg):  # type: ignore[no-untyped-def]
-    """d/dz+ = g * s_c * e+, d/dz- = -g * s_c * e- over ``g``'s length; returns the sum of g."""
+def sc_gradients(g, e_pos, e_neg, at, s_c, g_pos, g_neg, g_at, m):  # type: ignore[no-untyped-def]
+    """d/dz+ = g * s_c * e+, d/dz- = -g * s_c * e- for the ``m`` elements of g and e+- from
+    ``at``, into g_pos and g_neg from ``g_at`` (offsets and m uint64); returns the sum of
+    those g."""
     total = np.float32(0.0)
-    for i in range(g.shape[0]):
-        total += g[i]
-        gs = g[i] * s_c
-        g_pos[i] = gs * e_pos[i]
-        g_neg[i] = -gs * e_neg[i]
+    for i in range(m):
+        total += g[at + i]
+        gs = g[at + i] * s_c
+        g_pos[g_at + i] = gs * e_pos[at + i]
+        g_neg[g_at + i] = -gs * e_neg[at + i]
     return total
 
 
@@ -469,13 +487,12 @@ def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
             for start in range(seg * inner, end, BLOCK):
                 stop = min(end, start + BLOCK)
                 m = stop - start
-                hardtanh_activation(z0[start:stop], z1[start:stop], z2[start:stop],
-                                    z3[start:stop], four, limit, v[:m],
-                                    inside[start:stop])  # fmt: skip
-                os_ = out[start:stop]
-                _write_output(v[:m], start, noise, key, mu_coef, sigma_coef, lo, hi, bounds,
+                at = np.uint64(start)
+                hardtanh_activation(z0, z1, z2, z3, at, four, limit, v, np.uint64(0), inside,
+                                    at, np.uint64(m))  # fmt: skip
+                _write_output(v, 0, m, start, noise, key, mu_coef, sigma_coef, lo, hi, bounds,
                               table, shift, t, err, hashes, scale, bias, seg, inner,
-                              os_)  # fmt: skip
+                              out)  # fmt: skip
 
 
 @process_safe
@@ -508,11 +525,12 @@ def hardtanh_proxy_backward(grad, inside, scale, inner, g0, g1, g2, g3, four, gr
                 j, seg, c, total = _step_segment(j, seg, c, total, inner, channels, grad_sums)
                 s_c = scale[c]
             continue
-        for seg in range(first, last):
+        zero_at, length = np.uint64(0), np.uint64(inner)
+        for seg in range(first, last):  # slices, offset 0: see the module docstring
             lo, hi = seg * inner, seg * inner + inner
             grad_sums[seg] = hardtanh_gradients(
-                grad[lo:hi], inside[lo:hi], scale[seg % channels], four, g0[lo:hi], g1[lo:hi],
-                g2[lo:hi], g3[lo:hi],
+                grad[lo:hi], inside[lo:hi], zero_at, scale[seg % channels], four, g0[lo:hi],
+                g1[lo:hi], g2[lo:hi], g3[lo:hi], zero_at, length,
             )  # fmt: skip
 
 
