@@ -70,6 +70,7 @@ class ErrorModel(nn.Module):
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("summary", torch.zeros(3, dtype=torch.float64))
         self._errors, self._values = RunningMoments(), RunningMoments()
+        self._spec: tuple[tuple[object, ...], NoiseSpec] | None = None
 
     def reset_recording(self) -> None:
         self._errors, self._values = RunningMoments(), RunningMoments()
@@ -122,9 +123,19 @@ class ErrorModel(nn.Module):
         return (self.inject(flat, one, zero, ChannelLayout(1, 1)) - flat).view(v.shape)
 
     def noise_spec(self) -> NoiseSpec:
-        """What ``inject`` draws from, for kernels that fuse the draw into other work."""
-        spec = self._noise_spec()
-        return spec if self.noise_scale == 1.0 else spec.scaled_std(self.noise_scale)
+        """What ``inject`` draws from, for kernels that fuse the draw into other work: one
+        spec (whose kernel constants are built once) for as long as the model's values and
+        ``noise_scale`` stay what they were."""
+        key = (
+            self.noise_scale,
+            *((b.device, b.dtype, *b.reshape(-1).tolist()) for b in self.buffers()),
+        )
+        if self._spec is None or self._spec[0] != key:
+            spec = self._noise_spec()
+            if self.noise_scale != 1.0:
+                spec = spec.scaled_std(self.noise_scale)
+            self._spec = (key, spec)
+        return self._spec[1]
 
     def _noise_spec(self) -> NoiseSpec:
         """The fitted model as it is, before ``noise_scale``."""

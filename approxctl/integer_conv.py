@@ -291,9 +291,21 @@ _EMPTY_F32 = np.empty(0, dtype=np.float32)
 
 def _window_sums(codes: torch.Tensor, kernel: torch.Size, geometry: ConvGeometry) -> torch.Tensor:
     """Each output position's sum of the codes its window reads, over its group's channels:
-    (N, groups, Ho, Wo) float32, exact (at most 255 * K)."""
-    groups = geometry.groups
-    per_group = codes.unflatten(1, (groups, -1)).sum(2, dtype=torch.float32)  # any memory order
-    ones = torch.ones(groups, 1, *kernel)
-    stride, padding, dilation, _ = geometry.args
-    return F.conv2d(per_group, ones, None, stride, padding, dilation, groups).contiguous()
+    (N, groups, Ho, Wo) float32, exact (at most 255 * K < 2^24 where ``_int8_pair`` uses it).
+    One numba pass over channels-last codes (``cpu_codes.window_sums``; the codes come so from
+    ``fake_quant_codes``): a channel sum and a one-channel convolution of ones in torch measured
+    0.75 ms for TinyConv's second layer at batch 128, this 0.33."""
+    codes = codes.contiguous(memory_format=torch.channels_last)
+    samples, channels, height, width = codes.shape
+    stride, padding, dilation, groups = geometry.args
+    out_h, out_w = (
+        (size + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+        for i, size in enumerate((height, width))
+    )
+    out = torch.empty(samples, groups, out_h, out_w)
+    cpu_codes.window_sums(
+        _flat(codes.permute(0, 2, 3, 1)),
+        np.array((samples, channels, height, width, groups, out_h, out_w), np.int64),
+        np.array((*kernel, *stride, *padding, *dilation), np.int64), _flat(out),
+    )  # fmt: skip
+    return out

@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from approxctl.error_models import TAIL, PolynomialErrorModel, fit_binned_polynomials
-from approxctl.noise import ChannelLayout, NoiseSpec, add_error
+from approxctl.error_models import (
+    TAIL,
+    GaussianErrorModel,
+    PolynomialErrorModel,
+    fit_binned_polynomials,
+)
+from approxctl.noise import ChannelLayout, NoiseSpec, add_error, channel_values, channel_vector
 
 
 def _long_tailed(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -127,3 +132,32 @@ def test_noise_scale_travels_with_a_saved_model(tmp_path) -> None:  # type: igno
     approxctl.save(model, tmp_path)
     loaded = approxctl.load(tmp_path, model=TinyConv(1, 10, 8))
     assert {layer.error_model.noise_scale for _, layer in approxctl.approx_layers(loaded)} == {0.25}
+
+
+def test_noise_spec_is_reused_until_the_model_or_its_noise_scale_changes() -> None:
+    """Inject layers take one spec per call; it (and its kernel constants) is built again only
+    when a buffer's value, device or dtype, or ``noise_scale``, differs from last time."""
+    model = GaussianErrorModel()
+    model.mean.fill_(0.5)
+    model.std.fill_(2.0)
+    first = model.noise_spec()
+    assert model.noise_spec() is first
+    constants = first.kernel_args()[1:]
+    assert first.kernel_args()[1] is constants[0]  # built once per spec
+    model.std.fill_(3.0)  # a refit writes the buffers in place
+    refit = model.noise_spec()
+    assert refit is not first and float(refit.sigma_coef[0]) == 3.0
+    model.noise_scale = 0.5
+    scaled = model.noise_spec()
+    assert float(scaled.sigma_coef[0]) == 1.5 and model.noise_spec() is scaled
+    model.load_state_dict({**model.state_dict(), "mean": torch.tensor(-1.0, dtype=torch.float64)})
+    assert float(model.noise_spec().mu_coef[0]) == -1.0
+
+
+@pytest.mark.parametrize(
+    "value", [0.0, 2.5, torch.tensor(3.0), torch.arange(4.0).view(4, 1, 1), torch.arange(4.0)]
+)
+def test_channel_vector_is_channel_values_as_numpy(value: torch.Tensor | float) -> None:
+    got = channel_vector(value, 4)
+    assert got.dtype == np.float32 and got.shape == (4,)
+    assert np.array_equal(got, channel_values(value, 4).numpy())

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from approxctl import fused_conv
+from approxctl import analog_weights, fused_conv
 from approxctl.backends import registry
 from approxctl.errors import ApproxError
 from approxctl.functional import validate_analog_params
@@ -129,13 +129,18 @@ class AnalogTarget(Target):
 
     def quantize(self, layer: ApproxLayer, x: torch.Tensor) -> dict[str, torch.Tensor]:
         w = layer.weight
-        w_scale = w.detach().abs().flatten(1).amax(dim=1).clamp(min=1e-12) / 127
         step = float(layer.act_scale()) / 255
-        q = {
-            "a_step": torch.tensor(step),
-            "w": ste_round(w / w_scale.view(-1, *([1] * (w.dim() - 1)))),  # see approx_mult
-            "w_scale": w_scale,
-        }
+        q = {"a_step": torch.tensor(step)}
+        # The proxy's weight signs from one fused node where it serves (the weights' int8
+        # codes stand in "w" then: only the exact op and the integer sums read it).
+        split = analog_weights.split_weights(w, step) if self.config.proxy else None
+        if split is not None:
+            q |= {"w": split.codes, "w_scale": split.scale,
+                  "proxy_w_pos": split.pos, "proxy_w_neg": split.neg}  # fmt: skip
+        else:
+            w_scale = w.detach().abs().flatten(1).amax(dim=1).clamp(min=1e-12) / 127
+            q["w"] = ste_round(w / w_scale.view(-1, *([1] * (w.dim() - 1))))  # see approx_mult
+            q["w_scale"] = w_scale
         inputs = {"a": x, "a_neg": -x} if bool(layer.input_signed) else {"a": x}
         q.update(quantize_inputs(layer, inputs, step, 255))
         return q
@@ -149,20 +154,24 @@ class AnalogTarget(Target):
         self, layer: ApproxLayer, q: dict[str, torch.Tensor], noise: NoiseSpec | None = None
     ) -> torch.Tensor:
         """Analog_act = HardTanh pair on the positive- and negative-weight accumulations."""
-        w = q["w"] / q["a_step"]  # activations arrive as q_a * step: sums come in products
         scale = layer.per_channel(self.output_scale(layer, q))
         bias = None if layer.bias is None else layer.per_channel(layer.bias)
         inputs = [q["a"]] + ([q["a_neg"]] if "a_neg" in q else [])
         if not self.config.proxy:  # linear accumulation, no clamp
+            w = q["w"] / q["a_step"]  # activations arrive as q_a * step: sums come in products
             z = layer.accumulate(inputs[0], w)
             if len(inputs) == 2:  # negative inputs: the same array pass on x-, subtracted
                 z = z - layer.accumulate(inputs[1], w)
             z = z * scale
             return self.add_noise(layer, z if bias is None else z + bias, q, noise)
-        fused = self._fused_proxy(layer, q, w, scale, bias, noise)
+        if "proxy_w_pos" in q:  # from analog_weights.split_weights
+            w_pos, w_neg = q["proxy_w_pos"], q["proxy_w_neg"]
+        else:
+            w = q["w"] / q["a_step"]  # activations arrive as q_a * step: sums in products
+            w_pos, w_neg = w.clamp(min=0), (-w).clamp(min=0)
+        fused = self._fused_proxy(layer, q, w_pos, w_neg, scale, bias, noise)
         if fused is not None:
             return fused
-        w_pos, w_neg = w.clamp(min=0), (-w).clamp(min=0)
         w_codes = None
         if "a_codes" in q:  # inject mode on CPU: the sums as exact integer convolutions
             w_int = q["w"].detach().to(torch.int8)
@@ -187,7 +196,8 @@ class AnalogTarget(Target):
         self,
         layer: ApproxLayer,
         q: dict[str, torch.Tensor],
-        w: torch.Tensor,
+        w_pos: torch.Tensor,
+        w_neg: torch.Tensor,
         scale: torch.Tensor,
         bias: torch.Tensor | None,
         noise: NoiseSpec | None,
@@ -196,12 +206,12 @@ class AnalogTarget(Target):
         None where that does not serve the layer."""
         geometry = layer.plain_geometry()
         inputs = [q["a"]] + ([q["a_neg"]] if "a_neg" in q else [])
-        if geometry is None or not fused_conv.usable(geometry, w, *inputs):
+        if geometry is None or not fused_conv.usable(geometry, w_pos, *inputs):
             return None
-        w_int = q["w"].detach()
+        w_int = q["w"].detach().to(torch.float32)
         codes = fused_conv.Codes.of(inputs, q["a_step"], w_int.clamp(min=0), (-w_int).clamp(min=0))
         return fused_conv.fused_conv(
-            w.clamp(min=0), (-w).clamp(min=0), inputs[0], inputs[1] if len(inputs) == 2 else None,
+            w_pos, w_neg, inputs[0], inputs[1] if len(inputs) == 2 else None,
             codes, w_int, geometry, fused_conv.Proxy("analog", t=self._clamp_t(layer)),
             scale, bias, noise=noise,
         )  # fmt: skip
