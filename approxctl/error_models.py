@@ -124,18 +124,28 @@ class ErrorModel(nn.Module):
 
     def noise_spec(self) -> NoiseSpec:
         """What ``inject`` draws from, for kernels that fuse the draw into other work: one
-        spec (whose kernel constants are built once) for as long as the model's values and
+        spec (whose kernel constants are built once) for as long as the model's buffers and
         ``noise_scale`` stay what they were."""
-        key = (
-            self.noise_scale,
-            *((b.device, b.dtype, *b.reshape(-1).tolist()) for b in self.buffers()),
-        )
-        if self._spec is None or self._spec[0] != key:
+        key = self._spec_key()
+        if key is None or self._spec is None or self._spec[0] != key:
             spec = self._noise_spec()
             if self.noise_scale != 1.0:
                 spec = spec.scaled_std(self.noise_scale)
             self._spec = (key, spec)
         return self._spec[1]
+
+    def _spec_key(self) -> tuple[object, ...] | None:
+        """What identifies the buffers' current contents: each one's object, storage and
+        version counter (bumped by every in-place write: fits, ``load_state_dict``), read in
+        about a microsecond where their values would take tens; None for inference-mode
+        tensors, which keep no version counter (the spec is then built every call)."""
+        try:
+            return (
+                self.noise_scale,
+                *((id(b), b.data_ptr(), b._version) for b in self.buffers()),
+            )
+        except RuntimeError:
+            return None
 
     def _noise_spec(self) -> NoiseSpec:
         """The fitted model as it is, before ``noise_scale``."""

@@ -154,19 +154,24 @@ class _FakeQuantCodes(torch.autograd.Function):
         out = torch.empty(x.shape)
         flat = codes.permute(0, 2, 3, 1).view(-1).numpy()
         words = flat.view(np.uint64) if _WORDS and channels % 8 == 0 else _EMPTY_U64
-        found = 0
+        found, outside = 0, 0
         if x.numel():  # the kernel cuts its work by samples and pixels: none for no element
-            found = cpu_codes.quantize_planes(
+            found, outside = cpu_codes.quantize_planes(
                 _flat(x), samples, height * width, np.float32(1.0) / np.float32(step),
                 np.float32(step), np.float32(qmax), flat, words, _flat(inside), _flat(out),
             )  # fmt: skip
         nans.append(int(found))
         ctx.mark_non_differentiable(codes)
-        ctx.save_for_backward(inside)
+        # Every input in range (the usual case: activations within their calibrated range):
+        # the gradient passes unchanged, with no pass over it.
+        ctx.all_inside = outside == 0
+        ctx.save_for_backward(None if ctx.all_inside else inside)
         return out, codes
 
     @staticmethod
     def backward(ctx, grad, _):  # type: ignore[no-untyped-def]
+        if ctx.all_inside:
+            return grad, None, None, None
         (inside,) = ctx.saved_tensors
         return masked_gradient(grad, inside), None, None, None
 

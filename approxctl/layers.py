@@ -204,10 +204,12 @@ class ApproxLayer(nn.Module):
         w_pos: torch.Tensor,
         w_neg: torch.Tensor,
         codes: integer_conv.PairCodes | None = None,
+        negation: sign_pair.Negation | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(accumulate(x, w_pos), accumulate(x, w_neg))``, whose gradients are usually each
         other's negation (``approxctl.sign_pair``: one dense backward then, on CPU). ``codes``:
-        the operands' integer codes where ``integer_sums`` holds, for exact sums."""
+        the operands' integer codes where ``integer_sums`` holds, for exact sums; ``negation``
+        as ``sign_pair`` takes it."""
         return self.accumulate(x, w_pos), self.accumulate(x, w_neg)
 
     def group_concat(self, xs: list[torch.Tensor]) -> torch.Tensor:
@@ -345,14 +347,19 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
         w_pos: torch.Tensor,
         w_neg: torch.Tensor,
         codes: integer_conv.PairCodes | None = None,
+        negation: sign_pair.Negation | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if codes is not None:  # integer_sums held: numba present, zero padding as numbers
             geometry = self.zero_padded_geometry()
-            return sign_pair.sign_pair(x, w_pos, w_neg, geometry, lambda: codes.sums(geometry))
+            return sign_pair.sign_pair(
+                x, w_pos, w_neg, geometry, lambda: codes.sums(geometry), negation
+            )
         if not sign_pair.usable(x, w_pos, w_neg):
             return super().accumulate_pair(x, w_pos, w_neg)
         x, pad = self._explicit_pad(x)
-        return sign_pair.sign_pair(x, w_pos, w_neg, self.zero_padded_geometry(pad))
+        return sign_pair.sign_pair(
+            x, w_pos, w_neg, self.zero_padded_geometry(pad), negation=negation
+        )
 
     def zero_padded_geometry(
         self, padding: tuple[int, int] | None = None
@@ -448,9 +455,10 @@ class ApproxLinear(ApproxLayer, nn.Linear):
         w_pos: torch.Tensor,
         w_neg: torch.Tensor,
         codes: integer_conv.PairCodes | None = None,
+        negation: sign_pair.Negation | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if sign_pair.usable(x, w_pos, w_neg):
-            return sign_pair.sign_pair(x, w_pos, w_neg, None)
+            return sign_pair.sign_pair(x, w_pos, w_neg, None, negation=negation)
         return super().accumulate_pair(x, w_pos, w_neg)
 
     def group_concat(self, xs: list[torch.Tensor]) -> torch.Tensor:

@@ -13,6 +13,9 @@ markedly faster than one with 2O for this project's layer shapes, measured on th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -26,6 +29,9 @@ from approxctl.noise import (
     normal_quantiles,
     use_kernels,
 )
+
+if TYPE_CHECKING:
+    from approxctl.sign_pair import Negation  # imports this module
 
 _NO_NOISE_DEGREE = (np.float32(0.0),)
 _NO_BOUNDS = np.array([-np.inf, np.inf, np.inf], dtype=np.float32)
@@ -120,7 +126,7 @@ class _HardTanhPairs(torch.autograd.Function):
     of the positive inputs, minus the same of the negative inputs when given."""
 
     @staticmethod
-    def forward(ctx, t, scale, bias, layout, noise, *zs):  # type: ignore[no-untyped-def]
+    def forward(ctx, t, scale, bias, layout, noise, negations, *zs):  # type: ignore[no-untyped-def]
         # zs: z_pos, z_neg of the positive inputs [, z_pos, z_neg of the negative inputs].
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.layout = layout
@@ -139,12 +145,15 @@ class _HardTanhPairs(torch.autograd.Function):
             inside = torch.empty(zs[0].shape, dtype=torch.uint8)
             channels = layout.channels
             flat = [_flat(z) for z in zs]
+            departures = np.zeros(2, dtype=np.int64)
             cpu_pointwise.hardtanh_proxy_forward(
                 *(flat if len(flat) == 4 else flat * 2), len(flat) == 4, np.float32(t),
                 channel_vector(scale, channels),
                 channel_vector(0.0 if bias is None else bias, channels), layout.inner,
-                noise is not None, *kernel_noise(noise), _flat(out), _flat(inside),
+                noise is not None, *kernel_noise(noise), _flat(out), _flat(inside), departures,
             )  # fmt: skip
+            for negation, count in zip(negations or (), departures, strict=False):
+                negation.certain = bool(count == 0)
             ctx.save_for_backward(inside, scale)
             return out
         clamped = [z.clamp(0, t) for z in zs]
@@ -164,7 +173,7 @@ class _HardTanhPairs(torch.autograd.Function):
                 grad, masks[0], ctx.scale_vector, ctx.layout, ctx.terms
             )
             bias_grad = None if ctx.bias_shape is None else grad.sum_to_size(ctx.bias_shape)
-            return None, None, bias_grad, None, None, *(g.view(grad.shape) for g in grads)
+            return None, None, bias_grad, None, None, None, *(g.view(grad.shape) for g in grads)
         if ctx.fused:  # masks = [inside]: bit j for the j-th accumulation
             layout = ctx.layout
             grad = grad.to(torch.float32).contiguous()
@@ -180,12 +189,12 @@ class _HardTanhPairs(torch.autograd.Function):
                 None if ctx.bias_shape is None
                 else _bias_grad(sums, layout.channels, ctx.bias_shape)
             )  # fmt: skip
-            return None, None, bias_grad, None, None, *grads
+            return None, None, bias_grad, None, None, None, *grads
         bias_grad = None if ctx.bias_shape is None else grad.sum_to_size(ctx.bias_shape)
         grad = grad * scale
         signs = (1.0, -1.0, -1.0, 1.0)
         grads = [mask * (grad * sign) for mask, sign in zip(masks, signs, strict=False)]
-        return None, None, bias_grad, None, None, *grads
+        return None, None, bias_grad, None, None, None, *grads
 
 
 class _ForwardValue(torch.autograd.Function):
@@ -231,12 +240,16 @@ def hardtanh_pairs(
     *,
     layout: ChannelLayout | None = None,
     noise: NoiseSpec | None = None,
+    negations: Sequence[Negation] | None = None,
 ) -> torch.Tensor:
     """Analog_act of ``pairs[0]`` = (z_pos, z_neg), minus that of ``pairs[1]`` if given (the
-    negative inputs' pass, SPEC 3.3), then (+ error) * scale + bias."""
+    negative inputs' pass, SPEC 3.3), then (+ error) * scale + bias. ``negations``, one per
+    pair: marked certain where the CPU kernel found no output clamped on one side only (its
+    gradients to z_pos and z_neg are then each other's negation everywhere)."""
     if not 1 <= len(pairs) <= 2:
         raise ValueError("hardtanh_pairs takes one or two (z_pos, z_neg) pairs")
-    return _HardTanhPairs.apply(t, scale, bias, layout, noise, *(z for pair in pairs for z in pair))
+    zs = (z for pair in pairs for z in pair)
+    return _HardTanhPairs.apply(t, scale, bias, layout, noise, negations, *zs)
 
 
 def hardtanh_pair(

@@ -24,6 +24,7 @@ CPU float32 only (``usable``); the caller keeps two plain accumulations elsewher
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,6 +47,17 @@ except ImportError:  # numba missing: ``usable`` says no
 SPARSE_FRACTION = 1 / 256
 
 Sums = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Negation:
+    """What the consumer of a pair's sums knows, once its forward has run, about the
+    gradients it will send back: ``certain`` where they are each other's negation at every
+    output (analog's HardTanh pair with no output clamped on one side only: no nonzero in
+    g+ + g-), so the backward need not scan them. Finite gradients assumed: a non-finite one
+    reaches the weight and input gradients through the dense pass either way."""
+
+    certain: bool = False
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -131,9 +143,10 @@ def _sparse_backward(
 
 class _SignPair(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_pos, w_neg, sums, geometry):  # type: ignore[no-untyped-def]
+    def forward(ctx, x, w_pos, w_neg, sums, geometry, negation):  # type: ignore[no-untyped-def]
         ctx.save_for_backward(x, w_pos, w_neg)
         ctx.geometry = geometry
+        ctx.negation = negation
         return sums()
 
     @staticmethod
@@ -146,21 +159,24 @@ class _SignPair(torch.autograd.Function):
         # gradients are computed in the operands' own dtype, as for the integer sums.
         grad_pos = grad_pos.to(x.dtype).contiguous()
         grad_neg = grad_neg.to(x.dtype).contiguous()
-        limit = int(grad_pos.numel() * SPARSE_FRACTION)
-        index = np.empty(limit, dtype=np.int64)
-        count = cpu_sparse_grad.nonzero_sums(
-            grad_pos.view(-1).numpy(), grad_neg.view(-1).numpy(), limit, index
-        )
+        if ctx.negation is not None and ctx.negation.certain:
+            count, index = 0, None
+        else:
+            limit = int(grad_pos.numel() * SPARSE_FRACTION)
+            index = np.empty(limit, dtype=np.int64)
+            count = cpu_sparse_grad.nonzero_sums(
+                grad_pos.view(-1).numpy(), grad_neg.view(-1).numpy(), limit, index
+            )
         dense = _DenseBackward(x, geometry, need_x)
         if count < 0:  # d is dense: the two backward passes autograd would run
             x_pos, g_pos = dense(grad_pos, w_pos, need_pos)
             x_neg, g_neg = dense(grad_neg, w_neg, need_neg)
             grad_x = x_pos + x_neg if need_x else None  # type: ignore[operator]
-            return grad_x, g_pos, g_neg, None, None
+            return grad_x, g_pos, g_neg, None, None, None
         grad_x, grad_w = dense(grad_pos, w_pos - w_neg, need_w)
         grad_neg_w = None if grad_w is None else grad_w.neg()
         if count:
-            at = torch.from_numpy(index[:count])
+            at = torch.from_numpy(index[:count])  # type: ignore[index]
             d = grad_pos.view(-1)[at] + grad_neg.view(-1)[at]  # the nonzeros of g+ + g-
             if grad_x is not None:
                 grad_x = grad_x.contiguous()
@@ -173,6 +189,7 @@ class _SignPair(torch.autograd.Function):
             grad_neg_w if need_neg else None,
             None,
             None,
+            None,
         )
 
 
@@ -182,15 +199,17 @@ def sign_pair(
     w_neg: torch.Tensor,
     geometry: ConvGeometry | None,
     sums: Sums | None = None,
+    negation: Negation | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(acc(x, w_pos), acc(x, w_neg))`` with acc ``conv2d`` of ``geometry`` (zero padding,
     no bias), or ``linear`` where ``geometry`` is None. ``sums`` computes the two forward values
     when they come another way (exact integer sums, ``approxctl.integer_conv``); the backward is
-    the float accumulations' either way. CPU float32 tensors (``usable``)."""
+    the float accumulations' either way. ``negation``: what the sums' consumer will have found
+    about its gradients by the time the backward runs. CPU float32 tensors (``usable``)."""
     if sums is None:
         if geometry is None:
             sums = lambda: (F.linear(x, w_pos), F.linear(x, w_neg))  # noqa: E731
         else:
             args = geometry.args
             sums = lambda: (F.conv2d(x, w_pos, None, *args), F.conv2d(x, w_neg, None, *args))  # noqa: E731
-    return _SignPair.apply(x, w_pos, w_neg, sums, geometry)
+    return _SignPair.apply(x, w_pos, w_neg, sums, geometry, negation)

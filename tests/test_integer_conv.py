@@ -267,6 +267,26 @@ def test_fake_quant_codes_are_fake_quant_bit_for_bit() -> None:
     assert codes is None and bool(torch.isnan(got).any())  # the caller accumulates in float
 
 
+@pytest.mark.parametrize("edge", [None, -0.016, 0.976, float("nan")])
+def test_fake_quant_codes_gradient_within_range_passes_unchanged(edge: float | None) -> None:
+    """Inputs all within [0, qmax * step] (the ends included: codes 0 and qmax): the gradient
+    comes back as it went in; one input outside (or NaN) and it is masked there, as
+    ``fake_quant``'s is."""
+    step, qmax = 0.03, 32
+    x = torch.rand(2, 8, 6, 5) * 0.96
+    x.view(-1)[:3] = torch.tensor([0.0, 0.96, 0.9749])  # codes 0, 32 and 32 (rounded down)
+    if edge is not None:
+        x.view(-1)[7] = edge  # rounds to code -1, 33, or NaN: outside
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, _ = fake_quant_codes(xa, step, qmax)
+    want = fake_quant(xb, step, 0, qmax)
+    grad = torch.randn_like(want)
+    got.backward(grad)
+    want.backward(grad)
+    assert torch.equal(xa.grad, xb.grad)
+    assert (edge is None) == torch.equal(xa.grad, grad)
+
+
 @pytest.mark.parametrize("words", [True, False])
 @pytest.mark.parametrize(
     "shape", [(2, 8, 17, 19), (3, 24, 5, 4), (1, 5, 16, 16), (2, 16, 1, 1), (0, 8, 5, 5)]

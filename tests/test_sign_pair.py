@@ -14,6 +14,8 @@ import approxctl
 from approxctl import integer_conv, sign_pair
 from approxctl.integer_conv import ConvGeometry
 from approxctl.layers import ApproxConv2d, ApproxLinear
+from approxctl.noise import ChannelLayout
+from approxctl.proxy_ops import hardtanh_pairs
 
 # (batch, in, out, size, kernel, stride, padding, dilation, groups)
 GEOMETRIES = [
@@ -166,7 +168,7 @@ def test_analog_layers_take_the_pair_and_keep_their_gradients(padding_mode: str)
             if plain:  # the two accumulations as separate autograd nodes
                 for layer in layers:
                     layer.accumulate_pair = (  # type: ignore[method-assign]
-                        lambda x, p, m, codes=None, layer=layer: (
+                        lambda x, p, m, codes=None, negation=None, layer=layer: (
                             layer.accumulate(x, p),
                             layer.accumulate(x, m),
                         )
@@ -203,3 +205,69 @@ def test_pair_under_cpu_autocast(target: str) -> None:
         for p in model.parameters():
             assert p.grad is not None and p.grad.dtype == torch.float32
             assert bool(torch.isfinite(p.grad).all())
+
+
+@pytest.mark.parametrize("clamped", [None, "pos", "neg", "both", "second pair"])
+def test_hardtanh_pairs_tell_the_pair_when_its_gradients_are_negations(
+    clamped: str | None,
+) -> None:
+    """The HardTanh pair's CPU kernel marks a pair's ``Negation`` certain exactly where no
+    output has one of its two sums clamped and not the other (the backward's scan would find
+    no nonzero in g+ + g-)."""
+    gen = torch.Generator().manual_seed(3)
+    t = 10.0
+    zs = [torch.rand(2, 3, 4, 4, generator=gen) * t for _ in range(4)]
+    if clamped in ("pos", "both"):
+        zs[0][1, 2, 3, 0] = t + 1
+    if clamped in ("neg", "both"):
+        zs[1][1, 2, 3, 0] = t + 2  # with "both", the same output: both clamped, negations
+    if clamped == "second pair":
+        zs[3][0, 0, 0, 1] = t * 2
+    negations = [sign_pair.Negation(), sign_pair.Negation()]
+    hardtanh_pairs(
+        [(zs[0], zs[1]), (zs[2], zs[3])], t, torch.ones(3, 1, 1), None,
+        layout=ChannelLayout(3, 16), negations=negations,
+    )  # fmt: skip
+    assert negations[0].certain == (clamped in (None, "both", "second pair"))
+    assert negations[1].certain == (clamped != "second pair")
+
+
+def test_analog_gradients_are_the_same_when_the_scan_is_skipped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the HardTanh pair vouches for negations, the sign pair's backward skips its scan
+    of g+ + g-; the gradients are those of the scan, bit for bit (and the scan ran only when
+    not vouched for)."""
+    scans = []
+    real = sign_pair.cpu_sparse_grad.nonzero_sums
+
+    def counting(*args: object) -> int:
+        scans.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(sign_pair.cpu_sparse_grad, "nonzero_sums", counting)
+    results = []
+    for vouch in (True, False):
+        if not vouch:
+            monkeypatch.setattr(
+                sign_pair.Negation, "certain", property(lambda self: False, lambda self, v: None)
+            )
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),  # K = 72: integer sums
+            torch.nn.Flatten(), torch.nn.Linear(8 * 36, 5),
+        )  # fmt: skip
+        x = torch.rand(4, 1, 6, 6)
+        model = approxctl.convert(model, "analog")
+        approxctl.calibrate(model, [x])
+        approxctl.fit_error_model(model, [x])
+        approxctl.set_mode(model, "inject")
+        scans.clear()
+        torch.manual_seed(1)
+        model(x).square().sum().backward()
+        results.append(([p.grad.clone() for p in model.parameters()], len(scans)))
+    (vouched, vouched_scans), (scanned, all_scans) = results
+    assert all_scans == 2 and vouched_scans < all_scans
+    for got, want in zip(vouched, scanned, strict=True):
+        assert torch.equal(got, want)

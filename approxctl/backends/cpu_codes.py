@@ -58,17 +58,19 @@ def quantize_planes(x, samples, inner, inv_step, step, qmax, codes, words, insid
     ``inside`` (N, C, P) as in ``quantize_codes``. ``words``: ``codes``' buffer viewed as
     uint64 where C is a multiple of 8 on a little-endian machine (each word then holds 8
     channels' codes, the lowest channel in the low byte, and is written with one store), else
-    empty. Returns the number of NaN inputs (codes 0, ``out`` NaN).
+    empty. Returns the number of NaN inputs (codes 0, ``out`` NaN) and the number of inputs
+    outside [0, qmax] (NaNs included): none, and the straight-through gradient needs no mask.
 
     Work goes in tasks of one sample and up to TILE pixels, all channels: a tile's codes are
     transposed in cache."""
     channels = x.shape[0] // (samples * inner)
     tile, tiles, tasks, chunks = _tasks(samples, inner)
     nans = np.zeros(chunks, dtype=np.int64)
+    outside = np.zeros(chunks, dtype=np.int64)
     zero = np.float32(0.0)
     for chunk in numba.prange(chunks):
         block = np.empty(channels * TILE, dtype=np.uint8)  # a tile's codes, (C, tile)
-        bad = 0
+        bad, out_of_range = 0, 0
         for task in range(chunk * tasks // chunks, (chunk + 1) * tasks // chunks):
             sample = task // tiles
             first = (task - sample * tiles) * tile
@@ -82,9 +84,11 @@ def quantize_planes(x, samples, inner, inv_step, step, qmax, codes, words, insid
                     finite = q == q
                     clamped = min(max(q, zero), qmax)
                     os_[i] = clamped * step
-                    ins[i] = np.uint8(1 if zero <= q <= qmax else 0)
+                    within = zero <= q <= qmax
+                    ins[i] = np.uint8(1 if within else 0)
                     bs[i] = np.uint8(np.int32(clamped if finite else zero))
                     bad += 0 if finite else 1
+                    out_of_range += 0 if within else 1
             if words.shape[0]:
                 for c8 in range(channels // 8):
                     rows = block[c8 * 8 * TILE :]
@@ -99,7 +103,8 @@ def quantize_planes(x, samples, inner, inv_step, step, qmax, codes, words, insid
                 for c in range(channels):
                     codes[dst + c] = block[c * TILE + i]
         nans[chunk] = bad
-    return nans.sum()
+        outside[chunk] = out_of_range
+    return nans.sum(), outside.sum()
 
 
 @process_safe

@@ -461,7 +461,7 @@ def sc_gradients(g, e_pos, e_neg, at, s_c, g_pos, g_neg, g_at, m):  # type: igno
 def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
     z0, z1, z2, z3, four, limit, scale, bias, inner,
     noise, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift,
-    out, inside,
+    out, inside, departures,
 ):  # fmt: skip
     """Analog_act (SPEC 3.3) with its output affine map, and the injected error when ``noise``.
 
@@ -469,18 +469,22 @@ def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
     the negative inputs, whose activation is subtracted:
     v = clamp(z0, 0, T) - clamp(z1, 0, T) [- clamp(z2, 0, T) + clamp(z3, 0, T)].
     ``inside`` (uint8) gets bit j set where 0 <= z_j <= T (the gradient mask);
-    out = (v + error(v)) * scale[c] + bias[c].
+    out = (v + error(v)) * scale[c] + bias[c]. ``departures`` (int64, 2) gets the number of
+    outputs where bits 0 and 1 differ, and where bits 2 and 3 do: where each pair's two
+    gradients are not each other's negation (``approxctl.sign_pair``).
     """
     n = z0.shape[0]
     group, blocks = _blocks(n // inner, inner)
     # Few chunks, each allocating its scratch once: an allocation per block costs more than a
     # small block's work. Chunking does not change results.
     chunks = min(blocks, CHUNKS)
+    counts = np.zeros((chunks, 2), dtype=np.int64)
     for chunk in numba.prange(chunks):
         v = np.empty(BLOCK, dtype=np.float32)
         t = np.empty(BLOCK, dtype=np.float32)
         err = np.empty(BLOCK, dtype=np.float32)
         hashes = np.empty(BLOCK // 2, dtype=np.uint32)
+        differ_pos, differ_neg = 0, 0
         for blk in range(chunk * blocks // chunks, (chunk + 1) * blocks // chunks):
             seg = blk * group
             end = min(seg + group, n // inner) * inner
@@ -490,9 +494,17 @@ def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
                 at = np.uint64(start)
                 hardtanh_activation(z0, z1, z2, z3, at, four, limit, v, np.uint64(0), inside,
                                     at, np.uint64(m))  # fmt: skip
+                for i in range(np.uint64(m)):  # the codes just written, still in cache
+                    code = np.int64(inside[at + i])
+                    differ_pos += (code ^ (code >> 1)) & 1
+                    differ_neg += ((code >> 2) ^ (code >> 3)) & 1
                 _write_output(v, 0, m, start, noise, key, mu_coef, sigma_coef, lo, hi, bounds,
                               table, shift, t, err, hashes, scale, bias, seg, inner,
                               out)  # fmt: skip
+        counts[chunk, 0] = differ_pos
+        counts[chunk, 1] = differ_neg
+    departures[0] = counts[:, 0].sum()
+    departures[1] = counts[:, 1].sum()
 
 
 @process_safe

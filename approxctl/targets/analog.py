@@ -22,6 +22,7 @@ from approxctl.functional import validate_analog_params
 from approxctl.integer_conv import PairCodes
 from approxctl.noise import NoiseSpec
 from approxctl.proxy_ops import hardtanh_pairs
+from approxctl.sign_pair import Negation
 from approxctl.targets.base import Target, TargetConfig, quantize_inputs, ste_round
 
 if TYPE_CHECKING:
@@ -176,7 +177,7 @@ class AnalogTarget(Target):
         if "a_codes" in q:  # inject mode on CPU: the sums as exact integer convolutions
             w_int = q["w"].detach().to(torch.int8)
             w_codes = (w_int.clamp(min=0), w_int.neg().clamp_(min=0))
-        pairs = []
+        pairs, negations = [], []
         for a in ("a", "a_neg"):
             if a not in q:
                 continue
@@ -186,10 +187,11 @@ class AnalogTarget(Target):
                     q[a + "_codes"], *w_codes, out_scale=1.0,
                     bound=255 * 127 * layer.reduction_size,
                 )  # fmt: skip
-            pairs.append(layer.accumulate_pair(q[a], w_pos, w_neg, codes))
+            negations.append(Negation())  # the HardTanh pair's forward fills it in
+            pairs.append(layer.accumulate_pair(q[a], w_pos, w_neg, codes, negations[-1]))
         return hardtanh_pairs(
             pairs, self._clamp_t(layer), scale, bias,
-            layout=layer.channel_layout(pairs[0][0]), noise=noise,
+            layout=layer.channel_layout(pairs[0][0]), noise=noise, negations=negations,
         )  # fmt: skip
 
     def _fused_proxy(
