@@ -145,15 +145,13 @@ class _HardTanhPairs(torch.autograd.Function):
             inside = torch.empty(zs[0].shape, dtype=torch.uint8)
             channels = layout.channels
             flat = [_flat(z) for z in zs]
-            departures = np.zeros(2, dtype=np.int64)
             cpu_pointwise.hardtanh_proxy_forward(
                 *(flat if len(flat) == 4 else flat * 2), len(flat) == 4, np.float32(t),
                 channel_vector(scale, channels),
                 channel_vector(0.0 if bias is None else bias, channels), layout.inner,
-                noise is not None, *kernel_noise(noise), _flat(out), _flat(inside), departures,
+                noise is not None, *kernel_noise(noise), _flat(out), _flat(inside),
             )  # fmt: skip
-            for negation, count in zip(negations or (), departures, strict=False):
-                negation.certain = bool(count == 0)
+            ctx.negations = negations or ()
             ctx.save_for_backward(inside, scale)
             return out
         clamped = [z.clamp(0, t) for z in zs]
@@ -180,11 +178,14 @@ class _HardTanhPairs(torch.autograd.Function):
             grads = [torch.empty_like(grad) for _ in range(ctx.terms)]
             sums = grad.new_empty(grad.numel() // layout.inner)
             flat = [_flat(g) for g in grads]
+            nonzeros = np.zeros(2, dtype=np.int64)
             cpu_pointwise.hardtanh_proxy_backward(
                 _flat(grad), _flat(masks[0]), channel_vector(scale, layout.channels),
                 layout.inner, *(flat if len(flat) == 4 else flat * 2), len(flat) == 4,
-                sums.numpy(),
+                sums.numpy(), nonzeros,
             )  # fmt: skip
+            for negation, count in zip(ctx.negations, nonzeros, strict=False):
+                negation.certain = bool(count == 0)
             bias_grad = (
                 None if ctx.bias_shape is None
                 else _bias_grad(sums, layout.channels, ctx.bias_shape)
@@ -244,8 +245,8 @@ def hardtanh_pairs(
 ) -> torch.Tensor:
     """Analog_act of ``pairs[0]`` = (z_pos, z_neg), minus that of ``pairs[1]`` if given (the
     negative inputs' pass, SPEC 3.3), then (+ error) * scale + bias. ``negations``, one per
-    pair: marked certain where the CPU kernel found no output clamped on one side only (its
-    gradients to z_pos and z_neg are then each other's negation everywhere)."""
+    pair: marked certain by the CPU kernel's backward where the gradients it sends to z_pos
+    and z_neg add up to zero everywhere (each other's negation)."""
     if not 1 <= len(pairs) <= 2:
         raise ValueError("hardtanh_pairs takes one or two (z_pos, z_neg) pairs")
     zs = (z for pair in pairs for z in pair)

@@ -51,11 +51,10 @@ Sums = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass
 class Negation:
-    """What the consumer of a pair's sums knows, once its forward has run, about the
-    gradients it will send back: ``certain`` where they are each other's negation at every
-    output (analog's HardTanh pair with no output clamped on one side only: no nonzero in
-    g+ + g-), so the backward need not scan them. Finite gradients assumed: a non-finite one
-    reaches the weight and input gradients through the dense pass either way."""
+    """What the consumer of a pair's sums found out about the gradients it sent back:
+    ``certain`` where g+ + g- is zero at every output (set by analog's HardTanh pair, which
+    counts that in its own backward pass, as the scan would), so the pair's backward need not
+    scan them."""
 
     certain: bool = False
 
@@ -205,7 +204,7 @@ def sign_pair(
     no bias), or ``linear`` where ``geometry`` is None. ``sums`` computes the two forward values
     when they come another way (exact integer sums, ``approxctl.integer_conv``); the backward is
     the float accumulations' either way. ``negation``: what the sums' consumer will have found
-    about its gradients by the time the backward runs. CPU float32 tensors (``usable``)."""
+    about the gradients it sends back. CPU float32 tensors (``usable``)."""
     if sums is None:
         if geometry is None:
             sums = lambda: (F.linear(x, w_pos), F.linear(x, w_neg))  # noqa: E731

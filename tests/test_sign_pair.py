@@ -207,29 +207,42 @@ def test_pair_under_cpu_autocast(target: str) -> None:
             assert bool(torch.isfinite(p.grad).all())
 
 
-@pytest.mark.parametrize("clamped", [None, "pos", "neg", "both", "second pair"])
+@pytest.mark.parametrize(
+    "clamped", [None, "pos", "neg", "both", "second pair", "no gradient there", "linear"]
+)
 def test_hardtanh_pairs_tell_the_pair_when_its_gradients_are_negations(
     clamped: str | None,
 ) -> None:
-    """The HardTanh pair's CPU kernel marks a pair's ``Negation`` certain exactly where no
-    output has one of its two sums clamped and not the other (the backward's scan would find
-    no nonzero in g+ + g-)."""
+    """The HardTanh pair's CPU backward marks a pair's ``Negation`` certain exactly where the
+    gradients it sends to z_pos and z_neg add up to zero everywhere: no output clamped on one
+    side only where its gradient is nonzero (what the pair's scan would find)."""
     gen = torch.Generator().manual_seed(3)
     t = 10.0
-    zs = [torch.rand(2, 3, 4, 4, generator=gen) * t for _ in range(4)]
-    if clamped in ("pos", "both"):
-        zs[0][1, 2, 3, 0] = t + 1
-    if clamped in ("neg", "both"):
-        zs[1][1, 2, 3, 0] = t + 2  # with "both", the same output: both clamped, negations
-    if clamped == "second pair":
-        zs[3][0, 0, 0, 1] = t * 2
+    shape = (6, 5) if clamped == "linear" else (2, 3, 4, 4)
+    zs = [(torch.rand(shape, generator=gen) * t).requires_grad_() for _ in range(4)]
+    at = (1, 2) if clamped == "linear" else (1, 2, 3, 0)
+    with torch.no_grad():
+        if clamped in ("pos", "both", "no gradient there", "linear"):
+            zs[0][at] = t + 1
+        if clamped in ("neg", "both"):
+            zs[1][at] = t + 2  # with "both", the same output: both clamped, negations
+        if clamped == "second pair":
+            zs[3][(0,) * len(shape)] = t * 2
+    grad = torch.randn(shape, generator=gen)
+    if clamped == "no gradient there":
+        grad[at] = 0.0  # as max pooling leaves most of a layer's output gradient
     negations = [sign_pair.Negation(), sign_pair.Negation()]
-    hardtanh_pairs(
-        [(zs[0], zs[1]), (zs[2], zs[3])], t, torch.ones(3, 1, 1), None,
-        layout=ChannelLayout(3, 16), negations=negations,
-    )  # fmt: skip
-    assert negations[0].certain == (clamped in (None, "both", "second pair"))
+    layout = ChannelLayout(5, 1) if clamped == "linear" else ChannelLayout(3, 16)
+    scale = torch.ones(5) if clamped == "linear" else torch.ones(3, 1, 1)
+    pairs = [(zs[0], zs[1]), (zs[2], zs[3])]
+    out = hardtanh_pairs(pairs, t, scale, None, layout=layout, negations=negations)
+    assert not any(n.certain for n in negations)  # only the backward knows
+    out.backward(grad)
+    pos_clean = clamped in (None, "both", "second pair", "no gradient there")
+    assert negations[0].certain == pos_clean
     assert negations[1].certain == (clamped != "second pair")
+    for (a, b), negation in zip(((zs[0], zs[1]), (zs[2], zs[3])), negations, strict=True):
+        assert negation.certain == (not bool((a.grad + b.grad).any()))
 
 
 def test_analog_gradients_are_the_same_when_the_scan_is_skipped(

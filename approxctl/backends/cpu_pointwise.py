@@ -461,7 +461,7 @@ def sc_gradients(g, e_pos, e_neg, at, s_c, g_pos, g_neg, g_at, m):  # type: igno
 def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
     z0, z1, z2, z3, four, limit, scale, bias, inner,
     noise, key, mu_coef, sigma_coef, lo, hi, bounds, table, shift,
-    out, inside, departures,
+    out, inside,
 ):  # fmt: skip
     """Analog_act (SPEC 3.3) with its output affine map, and the injected error when ``noise``.
 
@@ -469,22 +469,18 @@ def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
     the negative inputs, whose activation is subtracted:
     v = clamp(z0, 0, T) - clamp(z1, 0, T) [- clamp(z2, 0, T) + clamp(z3, 0, T)].
     ``inside`` (uint8) gets bit j set where 0 <= z_j <= T (the gradient mask);
-    out = (v + error(v)) * scale[c] + bias[c]. ``departures`` (int64, 2) gets the number of
-    outputs where bits 0 and 1 differ, and where bits 2 and 3 do: where each pair's two
-    gradients are not each other's negation (``approxctl.sign_pair``).
+    out = (v + error(v)) * scale[c] + bias[c].
     """
     n = z0.shape[0]
     group, blocks = _blocks(n // inner, inner)
     # Few chunks, each allocating its scratch once: an allocation per block costs more than a
     # small block's work. Chunking does not change results.
     chunks = min(blocks, CHUNKS)
-    counts = np.zeros((chunks, 2), dtype=np.int64)
     for chunk in numba.prange(chunks):
         v = np.empty(BLOCK, dtype=np.float32)
         t = np.empty(BLOCK, dtype=np.float32)
         err = np.empty(BLOCK, dtype=np.float32)
         hashes = np.empty(BLOCK // 2, dtype=np.uint32)
-        differ_pos, differ_neg = 0, 0
         for blk in range(chunk * blocks // chunks, (chunk + 1) * blocks // chunks):
             seg = blk * group
             end = min(seg + group, n // inner) * inner
@@ -494,30 +490,27 @@ def hardtanh_proxy_forward(  # type: ignore[no-untyped-def]
                 at = np.uint64(start)
                 hardtanh_activation(z0, z1, z2, z3, at, four, limit, v, np.uint64(0), inside,
                                     at, np.uint64(m))  # fmt: skip
-                for i in range(np.uint64(m)):  # the codes just written, still in cache
-                    code = np.int64(inside[at + i])
-                    differ_pos += (code ^ (code >> 1)) & 1
-                    differ_neg += ((code >> 2) ^ (code >> 3)) & 1
                 _write_output(v, 0, m, start, noise, key, mu_coef, sigma_coef, lo, hi, bounds,
                               table, shift, t, err, hashes, scale, bias, seg, inner,
                               out)  # fmt: skip
-        counts[chunk, 0] = differ_pos
-        counts[chunk, 1] = differ_neg
-    departures[0] = counts[:, 0].sum()
-    departures[1] = counts[:, 1].sum()
 
 
 @process_safe
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract", "reassoc"})
-def hardtanh_proxy_backward(grad, inside, scale, inner, g0, g1, g2, g3, four, grad_sums):  # type: ignore[no-untyped-def]
+def hardtanh_proxy_backward(  # type: ignore[no-untyped-def]
+    grad, inside, scale, inner, g0, g1, g2, g3, four, grad_sums, nonzeros
+):
     """g_j = +-grad * scale where bit j of ``inside`` is set (the signs of the forward), else 0
     (g2, g3 only with ``four``); ``grad_sums[segment]`` = the sum of ``grad`` over the segment.
-    Blocks are cut as in the forward kernels; segments shorter than SHORT go through one flat
-    loop per block."""
+    ``nonzeros`` (int64, 2) gets the number of elements where g0 + g1 != 0, and where g2 + g3
+    != 0 (NaN counts): what ``approxctl.sign_pair``'s scan of each pair would find, counted
+    here while the values are in cache. Blocks are cut as in the forward kernels; segments
+    shorter than SHORT go through one flat loop per block."""
     channels = scale.shape[0]
     segments = grad.shape[0] // inner
     group, blocks = _blocks(segments, inner)
     zero = np.float32(0.0)
+    counts = np.zeros((blocks, 2), dtype=np.int64)
     for blk in numba.prange(blocks):
         first, last = blk * group, min(blk * group + group, segments)
         if inner < SHORT:  # a linear layer's one-element segments: no per-segment loops
@@ -536,14 +529,32 @@ def hardtanh_proxy_backward(grad, inside, scale, inner, g0, g1, g2, g3, four, gr
                     c3[i] = gs if code[i] & 8 else zero
                 j, seg, c, total = _step_segment(j, seg, c, total, inner, channels, grad_sums)
                 s_c = scale[c]
+            counts[blk, 0] = _nonzero_sums(a, b, np.uint64(hi - lo))
+            if four:
+                counts[blk, 1] = _nonzero_sums(c2, c3, np.uint64(hi - lo))
             continue
         zero_at, length = np.uint64(0), np.uint64(inner)
         for seg in range(first, last):  # slices, offset 0: see the module docstring
             lo, hi = seg * inner, seg * inner + inner
+            a, b = g0[lo:hi], g1[lo:hi]
             grad_sums[seg] = hardtanh_gradients(
-                grad[lo:hi], inside[lo:hi], zero_at, scale[seg % channels], four, g0[lo:hi],
-                g1[lo:hi], g2[lo:hi], g3[lo:hi], zero_at, length,
+                grad[lo:hi], inside[lo:hi], zero_at, scale[seg % channels], four, a, b,
+                g2[lo:hi], g3[lo:hi], zero_at, length,
             )  # fmt: skip
+            counts[blk, 0] += _nonzero_sums(a, b, length)
+            if four:
+                counts[blk, 1] += _nonzero_sums(g2[lo:hi], g3[lo:hi], length)
+    nonzeros[0] = counts[:, 0].sum()
+    nonzeros[1] = counts[:, 1].sum()
+
+
+@numba.njit(inline="always")
+def _nonzero_sums(a, b, m):  # type: ignore[no-untyped-def]
+    """How many of the first ``m`` (uint64) elements have a + b != 0 (NaN counts)."""
+    count = 0
+    for i in range(m):
+        count += 1 if a[i] + b[i] != 0 else 0
+    return count
 
 
 @process_safe

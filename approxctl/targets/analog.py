@@ -187,7 +187,7 @@ class AnalogTarget(Target):
                     q[a + "_codes"], *w_codes, out_scale=1.0,
                     bound=255 * 127 * layer.reduction_size,
                 )  # fmt: skip
-            negations.append(Negation())  # the HardTanh pair's forward fills it in
+            negations.append(Negation())  # the HardTanh pair's backward fills it in
             pairs.append(layer.accumulate_pair(q[a], w_pos, w_neg, codes, negations[-1]))
         return hardtanh_pairs(
             pairs, self._clamp_t(layer), scale, bias,
