@@ -4,10 +4,11 @@ through them), on generated weights with the edge cases of the chain."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
-import approxctl
 from approxctl import analog_weights
 from approxctl.layers import approx_layers
 from approxctl.targets.base import ste_round
@@ -72,6 +73,7 @@ def test_split_weights_leave_non_finite_weights_to_the_torch_ops() -> None:
 
 def test_analog_inject_steps_are_the_same_with_the_fused_chain(
     monkeypatch: pytest.MonkeyPatch,
+    small_analog_model: Callable[[], tuple[torch.nn.Module, torch.Tensor]],
 ) -> None:
     """A converted model's inject forward and its weight gradients, fused chain against the
     torch ops (the fused node turned off), bit for bit."""
@@ -79,16 +81,7 @@ def test_analog_inject_steps_are_the_same_with_the_fused_chain(
     for fused in (True, False):
         if not fused:
             monkeypatch.setattr(analog_weights, "split_weights", lambda w, a_step: None)
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(),
-            torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(8 * 36, 5),
-        )  # fmt: skip
-        x = torch.randn(3, 1, 6, 6)
-        model = approxctl.convert(model, "analog")
-        approxctl.calibrate(model, [x])
-        approxctl.fit_error_model(model, [x])
-        approxctl.set_mode(model, "inject")
+        model, x = small_analog_model()
         torch.manual_seed(1)
         out = model(x)
         out.square().sum().backward()

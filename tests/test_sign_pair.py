@@ -247,6 +247,7 @@ def test_hardtanh_pairs_tell_the_pair_when_its_gradients_are_negations(
 
 def test_analog_gradients_are_the_same_when_the_scan_is_skipped(
     monkeypatch: pytest.MonkeyPatch,
+    small_analog_model: Callable[[], tuple[torch.nn.Module, torch.Tensor]],
 ) -> None:
     """Where the HardTanh pair vouches for negations, the sign pair's backward skips its scan
     of g+ + g-; the gradients are those of the scan, bit for bit (and the scan ran only when
@@ -265,17 +266,7 @@ def test_analog_gradients_are_the_same_when_the_scan_is_skipped(
             monkeypatch.setattr(
                 sign_pair.Negation, "certain", property(lambda self: False, lambda self, v: None)
             )
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
-            torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),  # K = 72: integer sums
-            torch.nn.Flatten(), torch.nn.Linear(8 * 36, 5),
-        )  # fmt: skip
-        x = torch.rand(4, 1, 6, 6)
-        model = approxctl.convert(model, "analog")
-        approxctl.calibrate(model, [x])
-        approxctl.fit_error_model(model, [x])
-        approxctl.set_mode(model, "inject")
+        model, x = small_analog_model()
         scans.clear()
         torch.manual_seed(1)
         model(x).square().sum().backward()
