@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from types import ModuleType
 
 import safetensors.torch
 import torch
 
-from approxctl import calibrate, convert, fit_error_model
+import approxctl
 from approxctl.models import BUILTIN_MODELS
 from approxctl.pipeline import DataOptions
 from approxctl.runtime import keep_freed_memory
@@ -42,12 +43,15 @@ def add_batch_and_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def ready_to_train(model: torch.nn.Module, target: str, x: torch.Tensor) -> torch.nn.Module:
+def ready_to_train(
+    model: torch.nn.Module, target: str, x: torch.Tensor, package: ModuleType = approxctl
+) -> torch.nn.Module:
     """``model`` converted for ``target``, calibrated and its error models fitted on the batch
-    ``x``, in training mode: what exact and inject steps need."""
-    model = convert(model, target)
-    calibrate(model, [x])
-    fit_error_model(model, [x])
+    ``x``, in training mode: what exact and inject steps need. ``package``: the approxctl to
+    do it with (``versus_commit.py`` passes an earlier commit's)."""
+    model = package.convert(model, target)
+    package.calibrate(model, [x])
+    package.fit_error_model(model, [x])
     return model.train()
 
 

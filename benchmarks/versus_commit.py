@@ -28,13 +28,17 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
-from round_robin import TIMED_STEPS, WARMUP_STEPS, add_batch_and_model_options, batch_and_model
+from round_robin import (
+    add_batch_and_model_options,
+    batch_and_model,
+    ready_to_train,
+    seconds_per_step,
+)
 
 import approxctl
 from approxctl.pipeline import DataOptions
@@ -59,18 +63,11 @@ def import_commit(rev: str, into: Path) -> ModuleType:
     return importlib.import_module(BASE)
 
 
-def ready(pkg: ModuleType, model: torch.nn.Module, target: str, x: torch.Tensor) -> torch.nn.Module:
-    model = pkg.convert(copy.deepcopy(model), target)
-    pkg.calibrate(model, [x])
-    pkg.fit_error_model(model, [x])
-    return model.train()
-
-
 def time_versions(args: argparse.Namespace, base: ModuleType) -> None:
     x, y, model = batch_and_model(args.model, args.batch_size, args.weights)
     nets = {"float": copy.deepcopy(model).train()}
     for name, pkg in (("earlier", base), ("this", approxctl)):
-        nets[name] = ready(pkg, model, args.target, x)
+        nets[name] = ready_to_train(copy.deepcopy(model), args.target, x, pkg)
         pkg.set_mode(nets[name], args.mode)
     steps = {}
     for name, net in nets.items():
@@ -85,12 +82,7 @@ def time_versions(args: argparse.Namespace, base: ModuleType) -> None:
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
-            for _ in range(WARMUP_STEPS):
-                step()
-            start = time.perf_counter()
-            for _ in range(TIMED_STEPS):
-                step()
-            times[name].append((time.perf_counter() - start) / TIMED_STEPS)
+            times[name].append(seconds_per_step(step))
     median = {name: statistics.median(t) * 1000 for name, t in times.items()}
     ratios = [a / b for a, b in zip(times["this"], times["earlier"], strict=True)]
     q1, _, q3 = statistics.quantiles(ratios, n=4)
@@ -109,7 +101,7 @@ def compare_training(args: argparse.Namespace, base: ModuleType) -> None:
     states = []
     for pkg in (base, approxctl):
         torch.manual_seed(0)
-        net = ready(pkg, model, args.target, batches[0][0])
+        net = ready_to_train(copy.deepcopy(model), args.target, batches[0][0], pkg)
         optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
         torch.manual_seed(1)
         for i, (x, y) in enumerate(batches):
