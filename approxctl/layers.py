@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from approxctl import integer_conv, sign_pair
+from approxctl import integer_conv, patch_grad, sign_pair
 from approxctl.error_models import ErrorModel, make_error_model
 from approxctl.errors import ApproxError
 from approxctl.noise import ChannelLayout
@@ -297,7 +297,7 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
         self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         x, pad = self._explicit_pad(x)
-        return F.conv2d(x, w, bias, self.stride, pad, self.dilation, self.groups)
+        return patch_grad.conv2d(x, w, bias, self.zero_padded_geometry(pad))
 
     def group_concat(self, xs: list[torch.Tensor]) -> torch.Tensor:
         """Inputs (N, C, H, W) concatenated channel-wise *within each group*, so that group g

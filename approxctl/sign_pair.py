@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from approxctl import patch_grad
 from approxctl.integer_conv import MIN_REDUCTION, ConvGeometry
 from approxctl.noise import use_kernels
 
@@ -68,9 +69,10 @@ class _DenseBackward:
     ``convolution_backward`` (``linear``'s GEMMs for no geometry), except for the weight
     gradient alone of a convolution with few products per output (a first layer: the input
     wants no gradient, K < ``MIN_REDUCTION``). That one is a batched GEMM of the output
-    gradient with the input's patches, built once for every gradient of the pair: on the
-    2-core AMD EPYC (AVX2, no VNNI) CPU, TinyConv's first layer (1 channel, 5x5, batch 128) measured
-    11.8 ms for two weight gradients this way against oneDNN's 27.7 ms (docs/benchmarks.md)."""
+    gradient with the input's patches (``approxctl.patch_grad``), built once for every
+    gradient of the pair: on the 2-core AMD EPYC (AVX2, no VNNI) CPU, TinyConv's first layer
+    (1 channel, 5x5, batch 128) measured 11.8 ms for two weight gradients this way against
+    oneDNN's 27.7 ms (docs/benchmarks.md)."""
 
     def __init__(self, x: torch.Tensor, geometry: ConvGeometry | None, need_x: bool) -> None:
         self.x, self.geometry, self.need_x = x, geometry, need_x
@@ -95,12 +97,9 @@ class _DenseBackward:
             return None, None
         stride, padding, dilation, groups = geometry.args
         if need_w and self.by_patches(weight):
-            if self._patches is None:  # (N, P, K): K ordered (channel, kh, kw) like weight
-                kernel = tuple(weight.shape[2:])
-                self._patches = F.unfold(x, kernel, dilation, padding, stride).transpose(1, 2)
-            n, o = grad.shape[:2]
-            sums = torch.bmm(grad.reshape(n, o, -1), self._patches)  # (N, O, K)
-            return None, sums.sum(0).view(weight.shape)
+            if self._patches is None:
+                self._patches = patch_grad.input_patches(x, tuple(weight.shape[2:]), geometry)
+            return None, patch_grad.weight_grad(grad, self._patches, weight.shape)
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad.contiguous(), x, weight, None, stride, padding, dilation, False, [0, 0],
             groups, [need_x, need_w, False],

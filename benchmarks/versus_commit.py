@@ -112,6 +112,13 @@ def compare_training(args: argparse.Namespace, base: ModuleType) -> None:
         states.append(net.state_dict())
     differ = [k for k in states[0] if not torch.equal(states[0][k], states[1][k])]
     verdict = "identical" if not differ else f"DIFFERENT in {', '.join(differ[:5])}"
+    if differ:  # how far apart: each tensor's largest difference, relative to its largest value
+        relative = max(
+            float((states[0][k].double() - states[1][k].double()).abs().max())
+            / max(float(states[1][k].double().abs().max()), 1e-30)
+            for k in differ
+        )
+        verdict += f" (largest relative difference {relative:.1e})"
     print(f"{args.model} {args.target}, 4 inject + 2 exact steps: {verdict} to {args.rev}")
 
 

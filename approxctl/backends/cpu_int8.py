@@ -68,15 +68,19 @@ def conv2d(
     ``weight`` int8 (O, C / groups, kh, kw), zero padding. The int32 sums are converted to
     float32 (exact below 2^24, rounded to nearest even above; ``_self_test`` checks both). The
     result is in channels-last memory order (oneDNN's int8 layout); its values are those of a
-    plain tensor of the same shape."""
-    out_channels = weight.shape[0]
-    ones = torch.ones(out_channels)
+    plain tensor of the same shape.
+
+    One weight scale for the tensor, not one per channel: the sums are the same, and packing
+    per-channel scales reads each back with a scalar ``item()``: 36-80 us of a 117-183 us
+    prepack for TinyConv's pairs, paid every call since the weights change every step
+    (``benchmarks/int8_prepack.py``)."""
+    one, zero = torch.ones(1), torch.zeros(1, dtype=torch.int64)
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     packed = torch.ops.onednn.qconv_prepack(
-        weight, ones, 1.0, zero_point, stride, padding, dilation, groups, list(codes.shape)
+        weight, one, 1.0, zero_point, stride, padding, dilation, groups, list(codes.shape)
     )
     return torch.ops.onednn.qconv2d_pointwise(
-        codes, 1.0, zero_point, packed, ones, torch.zeros(out_channels, dtype=torch.int64),
+        codes, 1.0, zero_point, packed, one, zero,
         None, stride, padding, dilation, groups, 1.0, 0, torch.float32, "none", [], "",
     )  # fmt: skip
 
