@@ -3,13 +3,13 @@ gradient (a network's first layer), as a batched GEMM of the output gradient wit
 patches.
 
 oneDNN's weight gradient for such a convolution is slow on this project's CPUs: for TinyConv's
-first layer (one input channel, 5x5, 32 outputs of 32x32, batch 128) it took 23.5 ms on the
-2-core AMD EPYC (AVX2), against 11 ms as ``bmm(grad (N, O, P), patches (N, P, K))`` summed over
-the batch (``benchmarks/patch_grad.py``). The proxies of the targets use it for such layers
-(``ApproxConv2d.accumulate``; analog's sign pair, ``approxctl.sign_pair``); float mode keeps
-torch's convolution, which is what training without approxctl runs. The forward is the plain
-convolution, so values are unchanged; the gradient is the same sum in another order, equal up
-to float rounding.
+first layer (one input channel, 5x5, 32 outputs of 32x32, batch 128) it took 14-26 ms on the
+2-core AMD EPYC (AVX2), against 8-11 ms as ``bmm(grad (N, O, P), patches (N, P, K))`` summed
+over the batch, which is also the closer to float64's gradient (``benchmarks/patch_grad.py``).
+The proxies of the targets use it for such layers (``ApproxConv2d.accumulate``; the sign pairs
+of ``approxctl.sign_pair``); float mode keeps torch's convolution, which is what training
+without approxctl runs. The forward is the plain convolution, so values are unchanged; the
+gradient is the same sum in another order, equal up to float rounding.
 """
 
 from __future__ import annotations
