@@ -16,11 +16,9 @@ are in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from round_robin import alternated_medians
 
 # (name, input channels, output channels, size, kernel, padding)
 LAYERS = [
@@ -31,13 +29,6 @@ LAYERS = [
     ("resnet_tiny 64", 64, 64, 8, 3, 1),
 ]
 CALLS = 3
-
-
-def per_call_ms(call: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    for _ in range(CALLS):
-        call()
-    return (time.perf_counter() - start) / CALLS * 1000
 
 
 def main() -> None:
@@ -65,11 +56,8 @@ def main() -> None:
 
         a, b = two(), one()
         difference = float((a - b).abs().max() / a.abs().max())
-        times: dict[str, list[float]] = {"two": [], "one": []}
-        for _ in range(args.repeats):
-            times["two"].append(per_call_ms(two))
-            times["one"].append(per_call_ms(one))
-        t2, t1 = (statistics.median(times[k]) for k in ("two", "one"))
+        medians = alternated_medians({"two": two, "one": one}, args.repeats, CALLS)
+        t2, t1 = medians["two"], medians["one"]
         print(f"| {name} | {t2:.1f} | {t1:.1f} | {t1 / t2:.2f} | {difference:.1e} |")
 
 

@@ -13,24 +13,15 @@ in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from round_robin import alternated_medians
 
 from approxctl import patch_grad
 from approxctl.integer_conv import ConvGeometry
 
 LAYERS = {"tinyconv": (32, 5, 2), "resnet_tiny": (16, 3, 1)}  # outputs, kernel, padding
 CALLS = 5
-
-
-def per_call_ms(call: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    for _ in range(CALLS):
-        call()
-    return (time.perf_counter() - start) / CALLS * 1000
 
 
 def main() -> None:
@@ -47,27 +38,22 @@ def main() -> None:
         grad = torch.randn(args.batch_size, outputs, 32, 32)
         geometry = ConvGeometry((1, 1), (padding, padding), (1, 1), 1)
 
-        def onednn() -> torch.Tensor:
+        def onednn(grad: torch.Tensor = grad, x: torch.Tensor = x) -> torch.Tensor:
+            """The weight gradient by oneDNN (in float64 for float64 operands)."""
             return torch.ops.aten.convolution_backward(
-                grad, x, weight, None, [1, 1], [padding] * 2, [1, 1], False, [0, 0], 1,  # noqa: B023
-                [False, True, False],
+                grad, x, weight.to(x.dtype), None, [1, 1], [padding] * 2, [1, 1], False,  # noqa: B023
+                [0, 0], 1, [False, True, False],
             )[1]  # fmt: skip
 
         def patches() -> torch.Tensor:
             cols = patch_grad.input_patches(x, (kernel, kernel), geometry)  # noqa: B023
             return patch_grad.weight_grad(grad, cols, weight.shape)  # noqa: B023
 
-        exact = torch.ops.aten.convolution_backward(
-            grad.double(), x.double(), weight.double(), None, [1, 1], [padding] * 2, [1, 1],
-            False, [0, 0], 1, [False, True, False],
-        )[1]  # fmt: skip
+        exact = onednn(grad.double(), x.double())
         errors = [float((g.double() - exact).abs().max() / exact.abs().max())
                   for g in (onednn(), patches())]  # fmt: skip
-        times: dict[str, list[float]] = {"onednn": [], "patches": []}
-        for _ in range(args.repeats):
-            times["onednn"].append(per_call_ms(onednn))
-            times["patches"].append(per_call_ms(patches))
-        a, b = (statistics.median(times[k]) for k in ("onednn", "patches"))
+        medians = alternated_medians({"onednn": onednn, "patches": patches}, args.repeats, CALLS)
+        a, b = medians["onednn"], medians["patches"]
         print(f"| {model} | {a:.1f} | {b:.1f} | {b / a:.2f} | {errors[0]:.1e} | {errors[1]:.1e} |")
 
 

@@ -1,4 +1,5 @@
-"""What the benchmarks share: timing round-robin (``inject_parts.py``, ``memory_format.py``),
+"""What the benchmarks share: timing round-robin (``inject_parts.py``, ``memory_format.py``;
+alternated calls for ``patch_grad.py``, ``pair_backward.py``),
 one Fashion-MNIST batch with a built-in model (``inject_parts.py``, ``direct_convs.py``,
 ``memory_format.py``, ``layer_costs.py``) and that model made ready for exact and inject steps
 (``inject_parts.py``, ``layer_costs.py``)."""
@@ -6,6 +7,7 @@ one Fashion-MNIST batch with a built-in model (``inject_parts.py``, ``direct_con
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 from types import ModuleType
@@ -32,6 +34,22 @@ def seconds_per_step(step: Callable[[], None]) -> float:
     for _ in range(TIMED_STEPS):
         step()
     return (time.perf_counter() - start) / TIMED_STEPS
+
+
+def alternated_medians(
+    calls: dict[str, Callable[[], object]], turns: int, per_turn: int
+) -> dict[str, float]:
+    """Each callable's median milliseconds per call over ``turns`` turns in which they take
+    their ``per_turn`` calls in alternation (two ways of doing one thing, timed on a shared
+    machine whose speed drifts): ``patch_grad.py``, ``pair_backward.py``."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(turns):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(per_turn):
+                call()
+            times[name].append((time.perf_counter() - start) / per_turn * 1000)
+    return {name: statistics.median(series) for name, series in times.items()}
 
 
 def add_batch_and_model_options(parser: argparse.ArgumentParser) -> None:
